@@ -1,0 +1,1 @@
+"""The ``rankwise`` command line: one module per sub-command, each with ``add_parser(subparsers)``."""
