@@ -42,6 +42,10 @@ class Method:
     """Full-rank training with AdamW: the baseline, and the default behaviour of every hook."""
 
     name = "full"
+    calibration_batches = 0  # > 0: the loop passes this many training batches to ``calibrate`` before ``prepare``
+
+    def calibrate(self, model: nn.Module, batches: list[torch.Tensor]) -> None:
+        """See data before training (e.g. LoRA-GA's gradient-based init); ``batches`` are (B, T+1) token ids."""
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Transform the model before training (in place or not); return the model to train."""

@@ -1,0 +1,145 @@
+"""Tokenized corpora on disk and the batches the training loop reads from them.
+
+``prepare(source)`` splits documents deterministically into train/validation (by a hash of each document, so the
+split does not depend on order), trains the tokenizer on the training split, and writes both splits as flat
+``uint16`` (``uint32`` for vocabularies over 65,536) token arrays, separated by an end-of-text token. Everything is
+cached under ``$RANKWISE_CACHE`` (default ``~/.cache/rankwise``) and memory-mapped on later use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from ..errors import RankwiseError
+from . import sources
+from .tokenizer import EOS, load_tokenizer, train_tokenizer
+
+FORMAT_VERSION = 1
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RANKWISE_CACHE", Path.home() / ".cache" / "rankwise"))
+
+
+def is_validation(doc: str, val_fraction: float) -> bool:
+    """Deterministic split: a document is in validation iff its hash falls in the first ``val_fraction``."""
+    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+    return h / 2**64 < val_fraction
+
+
+@dataclass
+class TokenizedCorpus:
+    """Train/validation token arrays (memory-mapped) and their tokenizer."""
+
+    source: str
+    tokenizer: Tokenizer
+    train: np.ndarray
+    val: np.ndarray
+    directory: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.token_to_id(EOS)
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in ("train", "val"):
+            raise RankwiseError(f"unknown split {name!r}; valid splits: train, val")
+        return self.train if name == "train" else self.val
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _encode(tok: Tokenizer, docs: list[str], dtype: np.dtype) -> np.ndarray:
+    eos = tok.token_to_id(EOS)
+    ids = [np.asarray(e.ids + [eos], dtype=dtype) for e in tok.encode_batch(docs)]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+
+
+def prepare(source: str = "stdlib-docs", vocab_size: int = 8192, val_fraction: float = 0.1,
+            tokenizer: Tokenizer | None = None) -> TokenizedCorpus:
+    """Build (or load from cache) the tokenized train/validation splits of ``source``.
+
+    A ``tokenizer`` may be passed to share one vocabulary across corpora (e.g. several domains); otherwise one is
+    trained on this corpus's training split.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise RankwiseError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if tokenizer is None and not 256 < vocab_size <= 2**32:
+        raise RankwiseError(f"vocab_size must be above 256 (the byte alphabet), got {vocab_size}")
+    tok_key = "own" if tokenizer is None else hashlib.sha1(tokenizer.to_str().encode()).hexdigest()[:12]
+    key = f"{FORMAT_VERSION}-{sources.fingerprint(source)}-v{vocab_size}-f{val_fraction}-t{tok_key}"
+    directory = cache_root() / "corpora" / key
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        docs = sources.documents(source)
+        train_docs = [d for d in docs if not is_validation(d, val_fraction)]
+        val_docs = [d for d in docs if is_validation(d, val_fraction)]
+        if not train_docs or not val_docs:
+            raise RankwiseError(f"data source {source!r} is too small to split into train and validation "
+                                f"({len(docs)} document(s)); give it more text")
+        tok = tokenizer or train_tokenizer(train_docs, vocab_size)
+        dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / "tokenizer.json", lambda p: tok.save(p))
+        for name, split_docs in (("train", train_docs), ("val", val_docs)):
+            arr = _encode(tok, split_docs, dtype)
+            _write_atomic(directory / f"{name}.bin", lambda p, a=arr: a.tofile(p))
+        meta = {"source": source, "dtype": np.dtype(dtype).name, "vocab_size": tok.get_vocab_size(),
+                "documents": {"train": len(train_docs), "val": len(val_docs)}}
+        _write_atomic(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    meta = json.loads(meta_path.read_text())
+    arrays = {name: np.memmap(directory / f"{name}.bin", dtype=meta["dtype"], mode="r") for name in ("train", "val")}
+    return TokenizedCorpus(source, load_tokenizer(directory / "tokenizer.json"), arrays["train"], arrays["val"],
+                           directory)
+
+
+class Batches:
+    """Fixed-length windows of a token array.
+
+    Training batch ``i`` is drawn with a generator seeded by ``(seed, i)``, so the data order is a pure function of
+    the step: every method sees the same tokens, and a resumed run continues exactly where it stopped.
+    Evaluation batches are the first non-overlapping windows of the split, the same for every run.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0):
+        if len(tokens) < seq_len + 2:
+            raise RankwiseError(f"the split holds {len(tokens)} tokens, fewer than one window of seq_len={seq_len}; "
+                                "use a shorter --seq-len or more data")
+        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+
+    def _windows(self, starts: torch.Tensor) -> torch.Tensor:
+        idx = starts.numpy()[:, None] + np.arange(self.seq_len + 1)
+        return torch.from_numpy(self.tokens[idx].astype(np.int64))
+
+    def train_batch(self, i: int) -> torch.Tensor:
+        """Batch ``i``: (batch_size, seq_len + 1) token ids (inputs are [:, :-1], targets [:, 1:])."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return self._windows(torch.randint(0, len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=g))
+
+    def eval_batches(self, n: int) -> list[torch.Tensor]:
+        """Up to ``n`` batches of consecutive, non-overlapping windows from the start of the split."""
+        count = min(n * self.batch_size, (len(self.tokens) - 1) // self.seq_len)
+        starts = torch.arange(count) * self.seq_len
+        return [self._windows(starts[k:k + self.batch_size]) for k in range(0, count, self.batch_size)]
