@@ -218,14 +218,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     train_data = Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     eval_data = Batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
 
-    torch.manual_seed(cfg.seed)
-    if model is None:
-        model = build_model(cfg.preset, vocab_size=corpus.vocab_size, seed=cfg.seed)
-    _check_fits(cfg, model, corpus)
-    model.to(device)
-    if method.calibration_batches:
-        method.calibrate(model, [train_data.train_batch(-1 - i).to(device) for i in range(method.calibration_batches)])
-    model = method.prepare(model).to(device)
+    model = _build_model(cfg, model, method, corpus, train_data, device)
     model.train()
     optimizer = method.build_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -335,6 +328,39 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
 
         loss_curve(out.dir / "metrics.jsonl", out.dir / "loss_curve.png", title=f"{method.name} on {cfg.preset}")
     return RunResult(metrics, model, optimizer, method, history)
+
+
+def _build_model(cfg: TrainConfig, model: nn.Module | None, method: Method, corpus: TokenizedCorpus,
+                 train_data: Batches, device: torch.device) -> nn.Module:
+    """The preset (or given model), checked against the data, calibrated and prepared by the method."""
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = build_model(cfg.preset, vocab_size=corpus.vocab_size, seed=cfg.seed)
+    _check_fits(cfg, model, corpus)
+    model.to(device)
+    if method.calibration_batches:
+        method.calibrate(model, [train_data.train_batch(-1 - i).to(device) for i in range(method.calibration_batches)])
+    return method.prepare(model).to(device)
+
+
+def evaluate_checkpoint(run_dir: str, data: str | None = None, eval_batches: int | None = None,
+                        device: str = "auto") -> dict[str, Any]:
+    """Validation loss of the model saved in ``run_dir`` (by ``train`` with ``out=run_dir``)."""
+    state = ckpt.load(run_dir)
+    cfg = TrainConfig.from_dict(state["config"])
+    cfg.data = data or cfg.data
+    cfg.eval_batches = eval_batches or cfg.eval_batches
+    cfg.validate()
+    dev = resolve_device(device)
+    method = methods_mod.get(cfg.method, **cfg.method_options)
+    corpus = prepare(cfg.data, cfg.vocab_size)
+    train_data = Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    model = _build_model(cfg, None, method, corpus, train_data, dev)
+    model.load_state_dict(state["model"])
+    batches = Batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
+    loss = evaluate(model, batches, dev, cfg.dtype)
+    return {"method": cfg.method, "data": cfg.data, "step": state["step"], "eval_loss": loss,
+            "eval_ppl": math.exp(loss), "tokens": sum(b[:, 1:].numel() for b in batches)}
 
 
 def _describe(cfg: TrainConfig, method: Method) -> dict[str, Any]:

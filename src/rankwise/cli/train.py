@@ -1,0 +1,108 @@
+"""``rankwise train``: train one model with one method and write metrics, plots and a checkpoint to --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import fields
+
+from ..errors import RankwiseError
+from ..train import TrainConfig
+
+# CLI flags that are method options, passed to the method's factory when given.
+METHOD_FLAGS = {"rank": int, "alpha": float, "target": str, "update_gap": int, "scale": float}
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    options = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k, None) is not None}
+    for item in args.opt or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RankwiseError(f"--opt takes KEY=VALUE, got {item!r}")
+        options[key.replace("-", "_")] = parse_value(value)
+    return options
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by commands that train (train, bench); every default is TrainConfig's."""
+    d = TrainConfig()
+    p.add_argument("--preset", help=f"model preset or transformers config/model folder (default {d.preset})")
+    p.add_argument("--data", help=f"stdlib-docs, stdlib-code, a .txt/.jsonl file or folder, hf:NAME[:CONFIG] "
+                                  f"(default {d.data})")
+    p.add_argument("--vocab-size", type=int, help=f"tokenizer vocabulary (default {d.vocab_size})")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per step (default {d.grad_accum})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--warmup-steps", type=int, help=f"linear warmup steps (default {d.warmup_steps})")
+    p.add_argument("--min-lr-ratio", type=float, help=f"final lr / peak lr of the cosine (default {d.min_lr_ratio})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on matrices (default {d.weight_decay})")
+    p.add_argument("--grad-clip", type=float, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help=f"bf16 = autocast (default {d.dtype})")
+    p.add_argument("--seed", type=int, help=f"seed of init and data order (default {d.seed})")
+    p.add_argument("--eval-every", type=int, help=f"steps between validations, 0 = end only (default {d.eval_every})")
+    p.add_argument("--eval-batches", type=int, help=f"validation batches (default {d.eval_batches})")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--rank", "--r", dest="rank", type=int, help="rank of the method (projection / adapter rank)")
+    p.add_argument("--alpha", type=float, help="adapter scaling alpha")
+    p.add_argument("--target", help="modules to adapt: names (comma-separated), a regex, or all-linear")
+    p.add_argument("--update-gap", type=int, help="steps between subspace refreshes")
+    p.add_argument("--scale", type=float, help="scale of the low-rank update (GaLore's alpha)")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="any other method option (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+
+
+def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (defaults, or a resumed run's config) overridden by the flags that were given."""
+    cfg = base or TrainConfig()
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name not in ("method_options", "quiet"):
+            setattr(cfg, f.name, value)
+    options = method_options(args)
+    if options or base is None:
+        cfg.method_options = {**(cfg.method_options if base else {}), **options}
+    cfg.quiet = args.quiet
+    return cfg
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model with one method", description=__doc__)
+    p.add_argument("--method", help="a registered method (`rankwise methods`; default full)")
+    add_train_flags(p)
+    p.add_argument("--out", help="run folder: metrics.json(l), loss_curve.png, checkpoint.pt")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    p.add_argument("--stop-at", type=int, help="stop after this step, resumable (for time-sliced jobs)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR bit-exactly (its config is reused)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import checkpoint
+    from ..train import train
+
+    if args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    base = None
+    if args.resume:
+        base = TrainConfig.from_dict(checkpoint.load(args.resume)["config"])
+        base.stop_at = None
+        base.out = args.out or args.resume
+    cfg = config_from_args(args, base)
+    cfg.resume = args.resume
+    result = train(cfg)
+    m = result.metrics
+    print(f"{m['method']}: eval loss {m['initial_eval_loss']:.4f} -> {m['final_eval_loss']:.4f} "
+          f"(ppl {m['eval_ppl']:.2f}) | {m['tokens_per_s']:,.0f} tokens/s | optimizer state "
+          f"{m['optimizer_state_bytes'] / 2**20:.2f} MiB | peak mem {m['peak_mem_bytes'] / 2**20:.1f} MiB"
+          + (f" | wrote {cfg.out}" if cfg.out else ""))
+    return 0
