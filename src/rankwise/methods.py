@@ -95,6 +95,7 @@ _REGISTRY: dict[str, MethodInfo] = {}
 # Modules that register methods when imported; each family owns one line.
 BUILTIN_MODULES = [
     "rankwise.methods",
+    "rankwise.optim.methods",
 ]
 
 

@@ -1,0 +1,69 @@
+"""The optimizer presets as training-loop methods: ``rankwise train --method galore --rank 64 ...``.
+
+Every method trains all parameters (full-parameter training); only the optimizer changes. ``cfg.lr``,
+``weight_decay``, ``betas`` and ``eps`` come from the loop's ``OptimConfig``; options come from the CLI
+(``--rank``, ``--update-gap``, ``--scale``, ``--opt KEY=VALUE``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..methods import Method, OptimConfig, register
+from .presets import build
+
+
+class SplitMethod(Method):
+    """Builds ``rankwise.optim.build(preset, model, **options)`` with the loop's hyper-parameters."""
+
+    def __init__(self, preset: str, **options: Any):
+        self.preset = preset
+        self.optimizer_options = options
+
+    def build_optimizer(self, model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+        options = dict(self.optimizer_options)
+        include_embeddings = options.pop("include_embeddings", False)
+        return build(self.preset, model, include_embeddings=include_embeddings, lr=cfg.lr,
+                     weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps, **options)
+
+
+@register("galore", "optim", "GaLore: AdamW in the top-r SVD subspace of each gradient, residual dropped")
+def galore(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
+           moments: str = "keep", layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
+    return SplitMethod("galore", **locals())
+
+
+@register("fira", "optim", "Fira: GaLore + the residual scaled by the inner update's gain, norm-growth limiter")
+def fira(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
+         moments: str = "keep", layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
+    return SplitMethod("fira", **locals())
+
+
+@register("frugal", "optim", "FRUGAL: AdamW in a subspace, state-free signSGD on the residual")
+def frugal(rank: int = 128, update_gap: int = 200, scale: float = 1.0, projector: str = "svd",
+           residual: str = "signsgd", residual_lr_scale: float = 1.0, moments: str = "reset",
+           layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
+    return SplitMethod("frugal", **locals())
+
+
+@register("badam", "optim", "BAdam: AdamW on one transformer layer at a time, cycling every update_gap steps")
+def badam(update_gap: int = 50, block_order: str = "ascending", residual: str = "drop", layerwise: bool = False,
+          seed: int = 0) -> Method:
+    return SplitMethod("badam", **locals())
+
+
+@register("lisa", "optim", "LISA: AdamW on randomly sampled layers (+ embeddings and head), resampled periodically")
+def lisa(update_gap: int = 20, active_blocks: int = 1, residual: str = "drop", layerwise: bool = False,
+         seed: int = 0) -> Method:
+    return SplitMethod("lisa", **locals())
+
+
+@register("split", "optim", "any SplitOptimizer combination: projector x inner x residual x moments")
+def split(projector: str = "svd", inner: str = "adamw", residual: str = "drop", rank: int = 128,
+          update_gap: int = 200, scale: float = 1.0, moments: str = "keep", residual_lr_scale: float = 1.0,
+          power_iters: int = 2, oversample: int = 8, block_order: str = "ascending", active_blocks: int = 1,
+          momentum: float = 0.9, layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
+    return SplitMethod("galore", **locals())  # the base preset: every one of its options is overridden here

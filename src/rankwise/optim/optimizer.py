@@ -1,0 +1,268 @@
+"""``SplitOptimizer``: one optimizer made of parts — projector, inner rule, residual rule, refresh schedule.
+
+For a projected 2-D parameter with gradient G (canonical orientation Gt, (d, D), see ``projectors``), one step is
+
+    every ``update_gap`` steps:  P <- projector.fit(Gt); moments kept / reset / rotated by R = P_new^T P_old
+    g = P^T Gt                                   (r, D)   projected gradient
+    u = inner(g)                                 (r, D)   stateful direction (Adam/AdamW/SGD-momentum)
+    W <- W - lr * scale * P u                             GaLore's update, alpha = ``scale``
+    W <- W - lr * residual_lr_scale * rho(Gt - P g)       residual rule rho: drop / fira / signsgd / sgd
+
+Block selectors (``block``, ``layers``) replace P by all-or-nothing per parameter: a selected block gets the inner
+rule on its full gradient, the others only the residual rule. Parameters that are not projected (1-D ones, and any
+group with ``project=False``) get the inner rule on their full gradient — with ``inner="adamw"`` that is exactly
+``torch.optim.AdamW``.
+
+Every option is also a param-group key, so groups can differ (e.g. embeddings plain, attention projected). ``lr``
+stays in ``param_groups`` for LR schedulers. ``layerwise=True`` runs each parameter's update inside a
+post-accumulate-grad hook and frees its gradient right away (GaLore's per-layer weight update, arXiv 2403.03507
+Sec. 4.3), so the full set of gradients is never alive at once; ``step()`` is then a no-op, gradient clipping has no
+effect (no gradient survives backward), and gradient accumulation is not supported (each backward updates).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import RankwiseError
+from .blocks import BLOCK_SELECTORS, Cycle, make_selector
+from .projectors import PROJECTORS, Projector, canonical, make_projector
+from .rules import INNER_RULES, RESIDUAL_RULES, InnerRule, make_inner, make_residual
+
+MOMENT_POLICIES = ("keep", "reset", "rotate")
+
+
+def _mix(*xs: int) -> int:
+    """A deterministic seed from integers (period, param index, user seed)."""
+    h = 0
+    for x in xs:
+        h = (h * 0x9E3779B97F4A7C15 + x + 0x632BE59BD9B4E019) % (1 << 61)
+    return h
+
+
+class SplitOptimizer(torch.optim.Optimizer):
+    """Low-rank / block-sparse stateful updates plus a state-free residual, as a ``torch.optim.Optimizer``.
+
+    Args (all also valid as param-group keys):
+        projector: ``svd``, ``rsvd``, ``random``, ``coordinates`` (per matrix) or ``block``, ``layers`` (per block).
+        inner: ``adamw``, ``adam`` or ``sgd`` (momentum) — the stateful rule.
+        residual: ``drop``, ``fira``, ``signsgd`` or ``sgd`` — the rule on the part outside the subspace.
+        rank: subspace dimension r, 1 <= r <= min(m, n) for every projected matrix.
+        update_gap: steps between refreshes of the subspace / block selection (GaLore's ``update_proj_gap``).
+        scale: multiplier alpha of the back-projected inner update (GaLore's ``scale``; 0.25 in its recipe).
+        moments: on refresh, ``keep`` (GaLore, Fira), ``reset`` (FRUGAL, BAdam, LISA) or ``rotate`` into the new
+            basis (m <- R m, v <- (R*R) v, R = P_new^T P_old).
+        residual_lr_scale: residual learning rate / lr (FRUGAL's ``inactive_lr_scale``).
+        lr, betas, eps, weight_decay, momentum, nesterov: as in ``torch.optim`` (decoupled decay for ``adamw``).
+        power_iters, oversample: ``rsvd`` settings. block_order (ascending/descending/random), active_blocks: block
+            selector settings. seed: seeds random bases and block sampling (resume is bit-exact).
+        project: per group; False = plain inner rule on full gradients. names / blocks: per group, one per param
+            (error messages; block ids for ``block``/``layers``, default one block per param).
+        layerwise: update in post-accumulate-grad hooks (see module docstring).
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], projector: str = "svd",
+                 inner: str = "adamw", residual: str = "drop", rank: int = 128, update_gap: int = 200,
+                 scale: float = 1.0, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, moments: str = "keep",
+                 residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
+                 block_order: str = "ascending", active_blocks: int = 1, seed: int = 0, project: bool = True,
+                 layerwise: bool = False):
+        self._index: dict[nn.Parameter, int] = {}
+        self._block: dict[nn.Parameter, int] = {}
+        self._group_of: dict[nn.Parameter, dict[str, Any]] = {}
+        defaults = dict(projector=projector, inner=inner, residual=residual, rank=rank, update_gap=update_gap,
+                        scale=scale, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
+                        power_iters=power_iters, oversample=oversample, block_order=block_order,
+                        active_blocks=active_blocks, seed=seed, project=project)
+        super().__init__(params, defaults)
+        self.layerwise = layerwise
+        self._hooks = []
+        if layerwise:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    # ----------------------------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate(group)
+        blocks = group.pop("blocks", None) or list(range(len(group["params"])))
+        if len(blocks) != len(group["params"]):
+            raise RankwiseError(f"param group 'blocks' has {len(blocks)} entries for {len(group['params'])} params")
+        names = group.get("names") or [None] * len(group["params"])
+        for p, b, name in zip(group["params"], blocks, names):
+            self._index[p] = len(self._index)
+            self._block[p] = b
+            self._group_of[p] = group
+            if self._projected(p, group) and group["projector"] in PROJECTORS:
+                d = min(p.shape)
+                if not 1 <= group["rank"] <= d:
+                    label = name or f"param #{self._index[p]}"
+                    raise RankwiseError(f"rank {group['rank']} is invalid for {label} of shape {tuple(p.shape)}: "
+                                        f"it must be between 1 and min(m, n) = {d}; lower --rank or leave this "
+                                        "parameter unprojected")
+        group["block_ids"] = sorted(set(blocks))
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> None:
+        def choice(key: str, valid: Iterable[str]) -> None:
+            if group[key] not in valid:
+                raise RankwiseError(f"unknown {key} {group[key]!r}; valid: {', '.join(valid)}")
+
+        choice("projector", [*PROJECTORS, *BLOCK_SELECTORS])
+        choice("inner", INNER_RULES)
+        choice("residual", RESIDUAL_RULES)
+        choice("moments", MOMENT_POLICIES)
+        choice("block_order", Cycle.orders)
+        for key in ("update_gap", "active_blocks", "power_iters"):
+            if not isinstance(group[key], int) or group[key] < 1:
+                raise RankwiseError(f"{key} must be a positive integer, got {group[key]!r}")
+        for key in ("lr", "eps", "weight_decay", "residual_lr_scale", "oversample", "momentum"):
+            if group[key] < 0:
+                raise RankwiseError(f"{key} must be >= 0, got {group[key]}")
+        if not group["scale"] > 0:
+            raise RankwiseError(f"scale must be > 0, got {group['scale']}")
+        if not isinstance(group["rank"], int) or group["rank"] < 1:
+            raise RankwiseError(f"rank must be a positive integer, got {group['rank']!r}")
+        if group["projector"] in BLOCK_SELECTORS:
+            if RESIDUAL_RULES[group["residual"]].needs_subspace:
+                raise RankwiseError(f"residual {group['residual']!r} needs a subspace projector "
+                                    f"({', '.join(PROJECTORS)}), not the block selector {group['projector']!r}")
+            if group["moments"] != "reset":
+                raise RankwiseError(f"block selector {group['projector']!r} frees the moments of inactive blocks: "
+                                    f"use moments='reset', not {group['moments']!r}")
+
+    @staticmethod
+    def _projected(p: torch.Tensor, group: dict[str, Any]) -> bool:
+        if not group["project"]:
+            return False
+        return p.dim() == 2 or group["projector"] in BLOCK_SELECTORS
+
+    # ------------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One update of every parameter with a gradient (a no-op in layer-wise mode: the hooks did it)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layerwise:
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+
+    def _hook(self, p: torch.Tensor) -> None:
+        with torch.no_grad():
+            self._update(p, self._group_of[p])
+        p.grad = None
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        g = p.grad
+        if g.is_sparse:
+            raise RankwiseError("SplitOptimizer does not support sparse gradients; use dense embeddings "
+                                "(sparse=False) or torch.optim.SparseAdam for them")
+        if g.is_complex():
+            raise RankwiseError("SplitOptimizer does not support complex gradients; optimize the real and "
+                                "imaginary parts as separate real parameters (torch.view_as_real)")
+        state = self.state[p]
+        inner = make_inner(group["inner"])
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd:
+            if inner.coupled_decay:
+                g = g.add(p, alpha=wd)
+            else:
+                p.mul_(1 - lr * wd)
+        t = state.get("updates", 0)
+        if not self._projected(p, group):
+            if "step" not in state:
+                inner.init(state, g)
+            p.add_(inner.direction(g, state, group), alpha=-lr)
+        elif group["projector"] in BLOCK_SELECTORS:
+            self._block_update(p, g, state, group, inner, t)
+        else:
+            self._subspace_update(p, g, state, group, inner, t)
+        state["updates"] = t + 1
+
+    def _block_update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                      inner: InnerRule, t: int) -> None:
+        period, offset = divmod(t, group["update_gap"])
+        selector = make_selector(group["projector"], group["block_order"], group["active_blocks"])
+        if self._block[p] in selector.active(group["block_ids"], period, group["seed"]):
+            if "step" not in state or offset == 0:
+                inner.init(state, g)
+            p.add_(inner.direction(g, state, group), alpha=-group["lr"])
+            return
+        inner.drop(state)
+        residual = make_residual(group["residual"])
+        if group["residual"] != "drop":
+            p.add_(residual.direction(g, None, None, state, group), alpha=-group["lr"] * group["residual_lr_scale"])
+
+    def _subspace_update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                         inner: InnerRule, t: int) -> None:
+        proj: Projector = make_projector(group["projector"], group["rank"], **(
+            {"power_iters": group["power_iters"], "oversample": group["oversample"]}
+            if group["projector"] == "rsvd" else {}))
+        gt = canonical(g)
+        d = gt.shape[0]
+        refresh = t % group["update_gap"] == 0
+        old = None
+        if refresh:
+            if group["moments"] == "rotate" and "step" in state:
+                old = proj.dense(proj.handle(state, gt), d)
+            proj.fit(canonical(p.grad), state, _mix(group["seed"], self._index[p], t // group["update_gap"]))
+        h = proj.handle(state, gt)
+        low = proj.down(gt, h)
+        if "step" not in state:
+            inner.init(state, low)
+        elif refresh and group["moments"] == "reset":
+            inner.reset(state)
+        elif old is not None:
+            inner.rotate(state, proj.dense(h, d).t() @ old)
+        u = inner.direction(low, state, group)
+        pt = canonical(p)
+        pt.add_(proj.up(u, h, d), alpha=-group["lr"] * group["scale"])
+        if group["residual"] != "drop":
+            residual = make_residual(group["residual"])
+            r = residual.direction(proj.residual(gt, low, h), low, u, state, group)
+            pt.add_(r, alpha=-group["lr"] * group["residual_lr_scale"])
+
+    # ------------------------------------------------------------------------------------------- memory
+    def expected_state_bytes(self, period: int = 0) -> int:
+        """Optimizer-state bytes from shapes alone (works on ``device="meta"``), for the selection of ``period``.
+
+        Per parameter with element size s: a float32 ``step`` (4 B) with every set of moments; plain params
+        k * numel * s (k = 2 for Adam/AdamW, 1 for SGD-momentum); projected (m, n), d = min, D = max:
+        basis d * r * s (svd, rsvd) / 0 (random: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
+        (+ 4 B for ``fira``'s limiter); block selectors: k * numel * s + 4 for params of selected blocks, else 0.
+        """
+        total = 0
+        for group in self.param_groups:
+            k = len(INNER_RULES[group["inner"]].moments)
+            selector = (make_selector(group["projector"], group["block_order"], group["active_blocks"])
+                        if group["projector"] in BLOCK_SELECTORS else None)
+            active = selector.active(group["block_ids"], period, group["seed"]) if selector else set()
+            for p in group["params"]:
+                s, n = p.element_size(), p.numel()
+                if not self._projected(p, group):
+                    total += k * n * s + 4
+                elif selector is not None:
+                    total += (k * n * s + 4) if self._block[p] in active else 0
+                else:
+                    d, big, r = min(p.shape), max(p.shape), group["rank"]
+                    basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "coordinates": 8 * r}
+                    total += basis[group["projector"]] + k * r * big * s + 4
+                    total += 4 if group["residual"] == "fira" else 0
+        return total

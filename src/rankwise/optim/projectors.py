@@ -1,0 +1,167 @@
+"""Projectors: the low-dimensional part of a 2-D gradient, and its way back.
+
+Every projector works on the gradient in a canonical orientation ``Gt`` of shape (d, D), d = min(m, n): the gradient
+itself when m <= n, its transpose (a view) otherwise. This is GaLore's ``proj_type="std"`` rule of projecting on the
+smaller side (Zhao et al. 2024, ``galore_projector.py``: right projection when m >= n, left otherwise), so the basis
+``P`` (d x r) is the smallest possible and the low-rank gradient ``P^T Gt`` has shape (r, D).
+
+A projector is stateless; what it needs between steps lives in the parameter's optimizer state (so it is counted by
+``optimizer_state_bytes`` and saved by ``state_dict``):
+
+========== ============================================ =========================
+name       basis                                        state
+========== ============================================ =========================
+svd        top-r left singular vectors of Gt (GaLore)   ``basis`` d x r
+rsvd       randomized range finder, q power iterations, ``basis`` d x r
+           warm-started from the previous basis
+random     orthonormalized Gaussian (seeded)            ``seed`` (a Python int)
+coordinates r of the d rows of Gt (FRUGAL's RandK)       ``index`` r int64
+========== ============================================ =========================
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import RankwiseError
+
+State = dict[str, Any]
+
+
+def canonical(g: torch.Tensor) -> torch.Tensor:
+    """``g`` as (d, D) with d = min(m, n): a view, transposed when m > n."""
+    return g if g.shape[0] <= g.shape[1] else g.t()
+
+
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Projector:
+    """Base class. ``fit`` picks a new basis at a refresh (into the param's state); ``handle`` gives, once per step,
+    what ``down``/``up``/``residual`` need (the dense basis, or the kept indices)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
+        """Choose the basis for the coming period from the canonical gradient ``gt`` (d, D)."""
+        raise NotImplementedError
+
+    def handle(self, state: State, gt: torch.Tensor) -> torch.Tensor:
+        """This step's basis P (d x r) (subclasses may return something cheaper, e.g. indices)."""
+        return state["basis"]
+
+    def dense(self, h: torch.Tensor, d: int) -> torch.Tensor:
+        """P as a dense (d, r) matrix, from a handle."""
+        return h
+
+    def down(self, gt: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """P^T Gt, shape (r, D)."""
+        return h.t() @ gt
+
+    def up(self, low: torch.Tensor, h: torch.Tensor, d: int) -> torch.Tensor:
+        """P L, shape (d, D)."""
+        return h @ low
+
+    def residual(self, gt: torch.Tensor, low: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Gt - P P^T Gt, the part of the gradient outside the subspace (``low`` = P^T Gt)."""
+        return gt - self.up(low, h, gt.shape[0])
+
+
+class SVD(Projector):
+    """Exact: P = U[:, :r] of Gt = U S V^T (GaLore, arXiv 2403.03507, Alg. 2; ``get_orthogonal_matrix``)."""
+
+    name = "svd"
+
+    def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
+        u, _, _ = torch.linalg.svd(gt.float(), full_matrices=False)
+        state["basis"] = u[:, : self.rank].to(gt.dtype).contiguous()
+
+
+class RandomizedSVD(SVD):
+    """Randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1) with ``power_iters`` subspace
+    iterations, started from the previous basis plus ``oversample`` fresh Gaussian columns, then Rayleigh-Ritz
+    (eigenvectors of the small Gram matrix) to keep the top-r directions, largest first.
+
+    Cost ~ 2 (q + 1) d D (r + p) flops instead of a full SVD's O(d^2 D); the warm start makes a few iterations enough
+    because the gradient's top subspace drifts slowly between refreshes.
+    """
+
+    name = "rsvd"
+
+    def __init__(self, rank: int, power_iters: int = 2, oversample: int = 8):
+        super().__init__(rank)
+        self.power_iters = power_iters
+        self.oversample = oversample
+
+    def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
+        a = gt.float()
+        d = a.shape[0]
+        k = min(d, self.rank + self.oversample)
+        warm = "basis" in state
+        start = torch.randn(d, k - (self.rank if warm else 0), device=a.device, generator=generator(a.device, seed))
+        if warm:
+            start = torch.cat([state["basis"].float(), start], dim=1)
+        q = torch.linalg.qr(start).Q
+        for _ in range(self.power_iters):
+            q = torch.linalg.qr(a @ torch.linalg.qr(a.t() @ q).Q).Q
+        b = q.t() @ a  # (k, D); the eigenvectors of B B^T rotate Q onto A's top left singular directions
+        _, vecs = torch.linalg.eigh(b @ b.t())  # ascending eigenvalues = squared singular values
+        state["basis"] = (q @ vecs[:, -self.rank:].flip(1)).to(gt.dtype).contiguous()
+
+
+class RandomGaussian(Projector):
+    """Orthonormalized Gaussian basis regenerated from its seed at every step, so nothing but the seed (a Python int,
+    no tensor) is stored; costs a (d, r) QR per step. The random-subspace variant of GaLore-style methods (e.g.
+    FRUGAL's ablations, arXiv 2411.07837)."""
+
+    name = "random"
+
+    def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
+        state["seed"] = seed
+
+    def handle(self, state: State, gt: torch.Tensor) -> torch.Tensor:
+        g = torch.randn(gt.shape[0], self.rank, device=gt.device, generator=generator(gt.device, state["seed"]))
+        return torch.linalg.qr(g).Q.to(gt.dtype)
+
+
+class Coordinates(Projector):
+    """A random subset of r rows of Gt (FRUGAL's RandK "coordinates" projection, arXiv 2411.07837): P = I[:, idx].
+    Projection is indexing, no matmul; with r = d it is a permutation, so Adam (elementwise) on the projected gradient
+    is exactly Adam."""
+
+    name = "coordinates"
+
+    def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
+        perm = torch.randperm(gt.shape[0], generator=generator(torch.device("cpu"), seed))
+        state["index"] = perm[: self.rank].to(gt.device)
+
+    def handle(self, state: State, gt: torch.Tensor) -> torch.Tensor:
+        return state["index"]
+
+    def dense(self, h: torch.Tensor, d: int) -> torch.Tensor:
+        return torch.eye(d, device=h.device)[:, h]
+
+    def down(self, gt: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return gt.index_select(0, h)
+
+    def up(self, low: torch.Tensor, h: torch.Tensor, d: int) -> torch.Tensor:
+        return low.new_zeros(d, low.shape[1]).index_copy_(0, h, low)
+
+    def residual(self, gt: torch.Tensor, low: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return gt.index_fill(0, h, 0)
+
+
+PROJECTORS: dict[str, type[Projector]] = {p.name: p for p in (SVD, RandomizedSVD, RandomGaussian, Coordinates)}
+
+
+def make_projector(name: str, rank: int, **options: Any) -> Projector:
+    if name not in PROJECTORS:
+        raise RankwiseError(f"unknown projector {name!r}; valid projectors: {', '.join(PROJECTORS)} "
+                            "(and the block selectors block, layers)")
+    return PROJECTORS[name](rank, **options)
