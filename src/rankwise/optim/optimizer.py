@@ -161,7 +161,14 @@ class SplitOptimizer(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim``'s, but integer tensors (``coordinates`` indices) keep their dtype (torch casts every
+        tensor of a floating-point param's state to the param's dtype)."""
         super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(ids, (p for g in self.param_groups for p in g["params"])):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(value) and not value.is_floating_point():
+                    self.state[p][key] = value.to(p.device, copy=True)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
     def _hook(self, p: torch.Tensor) -> None:
