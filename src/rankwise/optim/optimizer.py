@@ -85,7 +85,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         if layerwise:
             for group in self.param_groups:
                 for p in group["params"]:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+                    if p.requires_grad:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
 
     # ----------------------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -123,11 +124,12 @@ class SplitOptimizer(torch.optim.Optimizer):
         for key in ("update_gap", "active_blocks", "power_iters"):
             if not isinstance(group[key], int) or group[key] < 1:
                 raise RankwiseError(f"{key} must be a positive integer, got {group[key]!r}")
-        for key in ("lr", "eps", "weight_decay", "residual_lr_scale", "oversample", "momentum"):
-            if group[key] < 0:
-                raise RankwiseError(f"{key} must be >= 0, got {group[key]}")
-        if not group["scale"] > 0:
-            raise RankwiseError(f"scale must be > 0, got {group['scale']}")
+        for key in ("lr", "eps", "weight_decay", "residual_lr_scale", "oversample", "momentum", "scale"):
+            value = group[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (key == "scale"
+                                                                                               and value == 0):
+                raise RankwiseError(f"{key} must be a {'positive' if key == 'scale' else 'non-negative'} number, "
+                                    f"got {value!r}")
         if not isinstance(group["rank"], int) or group["rank"] < 1:
             raise RankwiseError(f"rank must be a positive integer, got {group['rank']!r}")
         if group["projector"] in BLOCK_SELECTORS:
@@ -213,9 +215,9 @@ class SplitOptimizer(torch.optim.Optimizer):
             p.add_(inner.direction(g, state, group), alpha=-group["lr"])
             return
         inner.drop(state)
-        residual = make_residual(group["residual"])
         if group["residual"] != "drop":
-            p.add_(residual.direction(g, None, None, state, group), alpha=-group["lr"] * group["residual_lr_scale"])
+            direction = make_residual(group["residual"]).direction(g, None, None, state, group)
+            p.add_(direction, alpha=-group["lr"] * group["residual_lr_scale"])
 
     def _subspace_update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                          inner: InnerRule, t: int) -> None:
