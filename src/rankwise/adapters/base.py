@@ -1,0 +1,177 @@
+"""The shared base of every adapter: a ``Parameterization`` of Delta W, and ``AdapterLinear``, which wraps an
+``nn.Linear`` and holds named parameterizations.
+
+    y = W x + b + sum_{active, unmerged a} Delta W_a x        (dropout, if any, applies to x on the adapter path)
+
+A method is one small module: a ``Parameterization`` subclass registered with ``@parameterization(name)`` that
+defines its factors, ``delta_weight()``, a fused ``forward(x, out)`` (returns ``out + Delta W x``), and how it is
+written to / read from a file (``export_state`` / ``import_state``; keys are suffixes after the module path, in
+PEFT's layout). Injection, merge, save and load (``inject.py``, ``io.py``) only use this interface.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import RankwiseError
+
+PARAMETERIZATIONS: dict[str, type["Parameterization"]] = {}
+
+
+def parameterization(name: str) -> Callable[[type["Parameterization"]], type["Parameterization"]]:
+    """Class decorator: register a ``Parameterization`` under ``name`` (the ``method`` of ``adapters.apply``)."""
+
+    def deco(cls: type[Parameterization]) -> type[Parameterization]:
+        if name in PARAMETERIZATIONS and PARAMETERIZATIONS[name] is not cls:
+            raise RuntimeError(f"parameterization {name!r} registered twice")
+        cls.kind = name
+        PARAMETERIZATIONS[name] = cls
+        return cls
+
+    return deco
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed that depends only on the global seed and the module's name (stable across processes)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def seeded(shape: tuple[int, ...], seed: int, std: float, like: torch.Tensor) -> torch.Tensor:
+    """A Gaussian tensor drawn on the CPU from ``seed`` (identical on every device), moved next to ``like``."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * std).to(device=like.device, dtype=like.dtype)
+
+
+_SHARED: dict[tuple, torch.Tensor] = {}
+
+
+def shared_random(tag: str, shape: tuple[int, ...], seed: int, std: float, like: torch.Tensor) -> torch.Tensor:
+    """A frozen random matrix shared by every layer asking for the same (tag, shape, seed, dtype, device), so that
+    VeRA / RandLoRA bases cost memory once per shape, not once per layer. Regenerated from the seed, never stored."""
+    key = (tag, shape, seed, std, like.dtype, like.device)
+    if key not in _SHARED:
+        _SHARED[key] = seeded(shape, seed * 7919 + zlib.crc32(f"{tag}{shape}".encode()), std, like)
+    return _SHARED[key]
+
+
+class Parameterization(nn.Module):
+    """``Delta W`` of one linear layer (``out x in``), with scaling ``alpha / r`` (or ``alpha / sqrt(r)``, rsLoRA).
+
+    Subclasses set ``peft_type`` to PEFT's name when PEFT can load their files ("LORA"), and define
+    ``delta_weight``, ``forward``, ``export_state`` / ``import_state``. Frozen factors are buffers; only the trained
+    tensors are ``nn.Parameter``. Options arrive as keyword arguments (validated by the subclass).
+    """
+
+    kind: ClassVar[str] = ""
+    peft_type: ClassVar[str | None] = None
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise RankwiseError(f"adapter rank r must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise RankwiseError(f"adapter dropout must be in [0, 1), got {dropout}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.dropout, self.rslora, self.seed = r, float(alpha), float(dropout), rslora, seed
+        self.scaling = self.alpha / (math.sqrt(r) if rslora else r)
+        self.options: dict[str, Any] = {}  # what ``adapters.apply`` was given (global seed), written to files
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout and self.training else x
+
+    def delta_weight(self) -> torch.Tensor:
+        """``Delta W`` as an ``out x in`` matrix (for merging and tests)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out + Delta W drop(x)``; subclasses fuse the scaling and the add into their last matmul."""
+        return out + F.linear(self.drop(x), self.delta_weight().to(x.dtype))
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The tensors written to a file, keyed by suffix after the module path (e.g. ``lora_A.weight``)."""
+        raise NotImplementedError
+
+    def import_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``export_state`` (shapes already validated by ``check_state``)."""
+        raise NotImplementedError
+
+    def check_state(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Raise ``RankwiseError`` unless ``tensors`` has exactly the keys and shapes ``export_state`` produces."""
+        expected = {k: tuple(v.shape) for k, v in self.export_state().items()}
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        if set(expected) != set(got):
+            missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+            raise RankwiseError(f"adapter file does not fit {where}: missing tensors {missing or 'none'}, "
+                                f"unexpected tensors {extra or 'none'} (was it saved with another method or model?)")
+        for k, shape in expected.items():
+            if got[k] != shape:
+                raise RankwiseError(f"adapter tensor {where}.{k} has shape {list(got[k])} but this model needs "
+                                    f"{list(shape)} (different r or base model?)")
+
+
+class AdapterLinear(nn.Module):
+    """An ``nn.Linear`` (``base_layer``, frozen) plus named adapters (``adapters[name]``: ``Parameterization``).
+
+    ``active`` adapters add their ``Delta W x``; ``merged`` ones are folded into ``base_layer.weight`` instead;
+    ``disabled`` bypasses all unmerged adapters.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        for name in self.active:
+            if name not in self.merged:
+                out = self.adapters[name](x, out)
+        return out
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """``W <- W + Delta W`` (computed in fp32); the adapter stops contributing in ``forward``."""
+        if name in self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((w.float() + self.adapters[name].delta_weight().float()).to(w.dtype))
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((w.float() - self.adapters[name].delta_weight().float()).to(w.dtype))
+        self.merged.remove(name)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"

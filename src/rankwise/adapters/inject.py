@@ -1,0 +1,214 @@
+"""Injection and adapter management on any ``nn.Module`` (transformers models unchanged).
+
+    model = apply(model, method="lora", r=8, alpha=16, target=["q_proj", "v_proj"])
+    with disable_adapters(model): base_logits = model(x).logits
+    merge(model); unmerge(model); set_adapter(model, "other")
+
+Targets: a list of names (a module matches when its full name equals one or ends with ``"." + name``, PEFT's rule),
+a comma-separated string of names, a regex (``re.fullmatch`` on the full module name), or ``"all-linear"`` (every
+``nn.Linear`` except the output layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterator, Sequence
+
+from torch import nn
+
+from ..errors import RankwiseError
+from .base import PARAMETERIZATIONS, AdapterLinear, Parameterization, layer_seed
+
+Target = str | Sequence[str]
+_NAME_LIST = re.compile(r"[\w.]+(\s*,\s*[\w.]+)*")
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    return {n for n, m in model.named_modules() if out is not None and m is out}
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """Names of every plain ``nn.Linear`` and every ``AdapterLinear`` (not the linear inside one)."""
+    wrapped = {f"{n}.base_layer" for n in adapter_layers(model)}
+    return [n for n, m in model.named_modules()
+            if (isinstance(m, AdapterLinear) or type(m) is nn.Linear) and n not in wrapped]
+
+
+def _matches(name: str, target: Target) -> bool:
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def normalize_target(target: Target) -> Target:
+    """A comma-separated string of plain names becomes a list; other strings are regexes (or ``all-linear``)."""
+    if isinstance(target, str):
+        if target == "all-linear":
+            return target
+        if _NAME_LIST.fullmatch(target) and "." not in target:
+            return [t.strip() for t in target.split(",")]
+        try:
+            re.compile(target)
+        except re.error as e:
+            raise RankwiseError(f"target {target!r} is neither a list of module names nor a valid regex ({e})") from None
+        return target
+    if not target or not all(isinstance(t, str) and t for t in target):
+        raise RankwiseError(f"target must be a non-empty list of module names, a regex or 'all-linear', got {target!r}")
+    return list(target)
+
+
+def find_targets(model: nn.Module, target: Target) -> list[str]:
+    """Full names of the linear layers ``target`` selects; a clear error listing candidates if none."""
+    target = normalize_target(target)
+    names = _linear_names(model)
+    if target == "all-linear":
+        outputs = _output_layer_names(model)
+        found = [n for n in names if n not in outputs]
+    else:
+        found = [n for n in names if _matches(n, target)]
+    if not found:
+        candidates = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise RankwiseError(f"target {target!r} matches no linear layer of {type(model).__name__}; candidate module "
+                            f"names: {', '.join(candidates) or 'none (the model has no nn.Linear)'} "
+                            "(or a regex on full names, or 'all-linear')")
+    return found
+
+
+def build_parameterization(method: str, base: nn.Linear, options: dict[str, Any], path: str) -> Parameterization:
+    """``PARAMETERIZATIONS[method]`` for the linear ``base`` at ``path``; ``options["seed"]`` is the global seed."""
+    if method not in PARAMETERIZATIONS:
+        raise RankwiseError(f"unknown adapter method {method!r}; valid: {', '.join(sorted(PARAMETERIZATIONS))}")
+    kwargs = {**options, "seed": layer_seed(options.get("seed", 0), path)}
+    try:
+        param = PARAMETERIZATIONS[method](base, **kwargs)
+    except TypeError as e:
+        raise RankwiseError(f"bad option for adapter method {method!r}: {e}") from None
+    param.options = dict(options)
+    return param
+
+
+def attach(model: nn.Module, name: str, modules: dict[str, Parameterization]) -> None:
+    """Wrap each target (full name -> parameterization) in an ``AdapterLinear`` and add adapter ``name``."""
+    for path, param in modules.items():
+        layer = model.get_submodule(path)
+        if not isinstance(layer, AdapterLinear):
+            parent, _, child = path.rpartition(".")
+            layer = AdapterLinear(layer)
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        layer.adapters[name] = param
+    set_adapter(model, name)
+
+
+def apply(model: nn.Module, method: str = "lora", r: int = 8, alpha: float = 16.0,
+          target: Target = ("q_proj", "v_proj"), dropout: float = 0.0, adapter_name: str = "default",
+          seed: int = 0, **options: Any) -> nn.Module:
+    """Wrap the target linears of ``model`` in place with adapter ``adapter_name`` of ``method``, freeze everything
+    else, make the new adapter the active and only trainable one; return ``model``.
+
+    ``options`` go to the parameterization (e.g. ``rslora=True``, ``init="gaussian"``, ``num_bases=64``).
+    Each layer's random tensors come from ``layer_seed(seed, name)`` (or the shared seed), so they can be rebuilt.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise RankwiseError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+    existing = {n for layer in adapter_layers(model).values() for n in layer.adapters}
+    if adapter_name in existing:
+        raise RankwiseError(f"the model already has an adapter named {adapter_name!r}; pick another adapter_name "
+                            f"(existing: {', '.join(sorted(existing))}) or delete_adapter it first")
+    paths = find_targets(model, target)
+    modules = {}
+    for path in paths:
+        layer = model.get_submodule(path)
+        base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
+        modules[path] = build_parameterization(method, base, dict(r=r, alpha=alpha, dropout=dropout, seed=seed,
+                                                                  **options), path)
+    attach(model, adapter_name, modules)
+    return model
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapters; they (and nothing else in the model) become trainable."""
+    names = [names] if isinstance(names, str) else list(names)
+    layers = adapter_layers(model)
+    known = {n for layer in layers.values() for n in layer.adapters}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise RankwiseError(f"no adapter named {', '.join(map(repr, unknown))}; the model has: "
+                            f"{', '.join(sorted(known)) or 'none (use adapters.apply first)'}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.active = [n for n in names if n in layer.adapters]
+        for n in layer.active:
+            for p in layer.adapters[n].parameters():
+                p.requires_grad_(True)
+
+
+def active_parameterizations(model: nn.Module) -> dict[str, Parameterization]:
+    """``"{module}.{adapter}"`` -> parameterization, for the active adapters."""
+    return {f"{path}.{n}": layer.adapters[n] for path, layer in adapter_layers(model).items() for n in layer.active}
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model is the base model (merged adapters are unmerged for the duration)."""
+    layers = adapter_layers(model).values()
+    merged = {id(layer): list(layer.merged) for layer in layers}
+    for layer in layers:
+        for n in reversed(merged[id(layer)]):
+            layer.unmerge(n)
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            for n in merged[id(layer)]:
+                layer.merge(n)
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights; the outputs do not change."""
+    for layer in adapter_layers(model).values():
+        for n in _select(layer, names):
+            layer.merge(n)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo every merge (in reverse order)."""
+    for layer in adapter_layers(model).values():
+        for n in reversed(list(layer.merged)):
+            layer.unmerge(n)
+
+
+def _select(layer: AdapterLinear, names: str | Sequence[str] | None) -> list[str]:
+    if names is None:
+        return list(layer.active)
+    names = [names] if isinstance(names, str) else list(names)
+    return [n for n in names if n in layer.adapters]
+
+
+def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
+    """Merge (default: the active adapters) and put plain ``nn.Linear`` layers back; returns ``model``."""
+    merge(model, names)
+    for path, layer in adapter_layers(model).items():
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    layers = adapter_layers(model)
+    if not any(name in layer.adapters for layer in layers.values()):
+        raise RankwiseError(f"no adapter named {name!r} to delete")
+    for layer in layers.values():
+        if name in layer.adapters:
+            layer.unmerge(name)
+            del layer.adapters[name]
+            layer.active = [n for n in layer.active if n != name]

@@ -1,0 +1,149 @@
+"""Adapter methods for the training loop: ``rankwise train --method lora --r 8 --alpha 16 --target q_proj,v_proj``.
+
+``prepare`` injects the adapter (freezing the base), gradient-based inits (LoRA-GA, LoRA-SB) use the batches the
+loop passes to ``calibrate``, and ``build_optimizer`` builds AdamW over the adapter parameters (learning rate times
+``lr_scale``), wrapped by LoRA-Pro / AltLoRA for the gradient-corrected methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RankwiseError
+from ..methods import Method, OptimConfig, decay_groups, register
+from .corrections import AltLoRA, LoRAPro
+from .inject import active_parameterizations, apply, find_targets
+from .inits import calibration_gradients, init_lora_ga, init_lora_sb, init_pissa
+from .lora import LoRA
+
+DEFAULT_TARGET = "q_proj,v_proj"
+CORRECTIONS = {"lora-pro": LoRAPro, "altlora": AltLoRA}
+
+
+def resolve_rank(r: int | None, rank: int | None, default: int = 8) -> int:
+    if r is not None and rank is not None and r != rank:
+        raise RankwiseError(f"got both r={r} and rank={rank}; give one of --r / --rank")
+    value = r if r is not None else rank if rank is not None else default
+    if not isinstance(value, int) or value <= 0:
+        raise RankwiseError(f"adapter rank must be a positive integer, got {value!r}")
+    return value
+
+
+class AdapterMethod(Method):
+    """Fine-tune a (pre-trained) model through adapter ``kind`` (a registered parameterization)."""
+
+    def __init__(self, kind: str, r: int, alpha: float, target: str, dropout: float, seed: int, lr_scale: float,
+                 init: str | None = None, correction: str | None = None, calibration_batches: int = 0,
+                 init_options: dict[str, Any] | None = None, **options: Any):
+        if not lr_scale > 0:
+            raise RankwiseError(f"lr_scale must be > 0, got {lr_scale}")
+        if calibration_batches < 0:
+            raise RankwiseError(f"calibration_batches must be >= 0, got {calibration_batches}")
+        self.kind, self.init, self.correction, self.lr_scale = kind, init, correction, lr_scale
+        self.apply_options = dict(r=r, alpha=alpha, target=target, dropout=dropout, seed=seed, **options)
+        self.init_options = init_options or {}
+        self.calibration_batches = calibration_batches
+        self.grads: dict[str, torch.Tensor] | None = None
+
+    def calibrate(self, model: nn.Module, batches: list[torch.Tensor]) -> None:
+        self.grads = calibration_gradients(model, batches, find_targets(model, self.apply_options["target"]))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if self.init in ("lora-ga", "lora-sb"):
+            if self.grads is None:
+                raise RankwiseError(f"{self.init} initializes from gradients: it needs calibration batches "
+                                    "(the training loop passes them; or call adapters.init_"
+                                    f"{self.init.replace('-', '_')}(model, batches, ...) directly)")
+            init = init_lora_ga if self.init == "lora-ga" else init_lora_sb
+            model = init(model, grads=self.grads, **self.apply_options, **self.init_options)
+            self.grads = None
+            return model
+        apply(model, self.kind, **self.apply_options)
+        if self.init == "pissa":
+            init_pissa(model)
+        return model
+
+    def build_optimizer(self, model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+        opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr * self.lr_scale, betas=cfg.betas,
+                                eps=cfg.eps)
+        if self.correction is None:
+            return opt
+        loras = [m for m in active_parameterizations(model).values() if isinstance(m, LoRA)]
+        return CORRECTIONS[self.correction](opt, loras)
+
+
+def _common(r, rank, alpha, target, dropout, seed, lr_scale) -> dict[str, Any]:
+    return dict(r=resolve_rank(r, rank), alpha=alpha, target=target, dropout=dropout, seed=seed, lr_scale=lr_scale)
+
+
+@register("lora", "adapters", "LoRA: Delta W = (alpha/r) B A, B = 0 at init (Hu et al. 2021)")
+def _lora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+          dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, init: str = "default") -> Method:
+    return AdapterMethod("lora", init=init, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("rslora", "adapters", "rank-stabilized LoRA: scaling alpha/sqrt(r) (Kalajdzievski 2023)")
+def _rslora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+            dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+    return AdapterMethod("lora", rslora=True, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("pissa", "adapters", "PiSSA: LoRA initialised with the top-r singular part, residual base")
+def _pissa(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+           dropout: float = 0.0, seed: int = 0, lr_scale: float = 0.25) -> Method:
+    return AdapterMethod("lora", init="pissa", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("lora-ga", "adapters", "LoRA-GA: LoRA initialised from the top-2r singular vectors of the gradient")
+def _lora_ga(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+             dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, gamma: float = 16.0,
+             calibration_batches: int = 4) -> Method:
+    return AdapterMethod("lora", init="lora-ga", calibration_batches=calibration_batches,
+                         init_options={"gamma": gamma}, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("lora-xs", "adapters", "LoRA-XS: frozen SVD factors of W, trainable r x r core")
+def _lora_xs(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+             dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+    return AdapterMethod("lora-xs", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("lora-sb", "adapters", "LoRA-SB: r x r core, factors and core from the update approximation")
+def _lora_sb(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+             dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, eta: float = 1e-3,
+             calibration_batches: int = 4) -> Method:
+    return AdapterMethod("lora-xs", init="lora-sb", calibration_batches=calibration_batches,
+                         init_options={"eta": eta}, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("nola", "adapters", "NOLA: A, B as combinations of seeded random bases; only 2k coefficients trained")
+def _nola(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+          dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, num_bases: int = 64) -> Method:
+    return AdapterMethod("nola", num_bases=num_bases, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("vera", "adapters", "VeRA: shared frozen random A, B; trainable scaling vectors")
+def _vera(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+          dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, d_init: float = 0.1) -> Method:
+    return AdapterMethod("vera", d_init=d_init, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("randlora", "adapters", "RandLoRA: full-rank update from scaled shared random low-rank bases")
+def _randlora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+              dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+    return AdapterMethod("randlora", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("lora-pro", "adapters", "LoRA-Pro: LoRA gradients corrected to best approximate the full gradient")
+def _lora_pro(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+              dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+    return AdapterMethod("lora", correction="lora-pro", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("altlora", "adapters", "AltLoRA: alternating projected updates of B and A")
+def _altlora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+             dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+    return AdapterMethod("lora", correction="altlora", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
