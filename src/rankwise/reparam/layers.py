@@ -1,0 +1,193 @@
+"""Weight-space parameterizations of a linear layer, trained from scratch.
+
+- ``LowRankLinear``: ``W = B A`` with ``B`` (out x r), ``A`` (r x in): ``r (in + out)`` parameters.
+- ``SparseLowRankLinear`` (SLTrain, Han et al. 2024): ``W = (alpha / r) B A + S`` where ``S`` has a random, fixed
+  support of ``floor(delta * out * in)`` entries; only its values (and their flat indices, a buffer) are stored.
+- ``ReLoRALinear`` (ReLoRA, Lialin et al. 2023): ``W + (alpha / r) B A`` with ``W`` frozen; ``merge_and_reinit``
+  folds ``B A`` into ``W`` and restarts the factors (``B = 0``), which leaves the function unchanged.
+
+Every layer exposes ``factors() -> (B, A)`` (the trainable low-rank pair, refactorized by ``ops.refactorize``) and
+``dense_weight()`` (the effective ``out x in`` matrix, for tests and export).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _kaiming_uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """``nn.Linear``'s default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        if t.device.type == "meta":
+            return t
+        return t.uniform_(-bound, bound)
+
+
+class LowRankLinear(nn.Module):
+    """``y = x (B A)^T + b``: a rank-``r`` linear layer trained from scratch.
+
+    Init: ``A, B ~ N(0, s^2)`` i.i.d. with ``s^2 = std / sqrt(r)``, so every entry of ``B A`` has variance ``std^2``
+    (the dense layer's init, e.g. LLaMA's ``initializer_range`` 0.02) and the factors are balanced.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, std: float = 0.02,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        kw = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        s = math.sqrt(std / math.sqrt(rank))
+        if self.lora_A.device.type != "meta":
+            with torch.no_grad():
+                self.lora_A.normal_(0.0, s)
+                self.lora_B.normal_(0.0, s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B, self.bias)
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_B, self.lora_A
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.lora_B @ self.lora_A
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"bias={self.bias is not None}"
+
+
+def _compose(B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float,
+             dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``scale * B A + S`` in ``dtype`` (a transient: it is never saved for backward)."""
+    w = (B.to(dtype) @ A.to(dtype)).mul_(scale)
+    w.view(-1).index_add_(0, indices, values.to(dtype))
+    return w
+
+
+class _SparseLowRankFunction(torch.autograd.Function):
+    """``F.linear(x, scale * B A + S, bias)`` that saves only ``x`` and the factors, not the dense weight.
+
+    Backward rebuilds ``W`` and forms ``G = g^T x`` once: ``dB = scale G A^T``, ``dA = scale B^T G``,
+    ``dvalues = G.flat[indices]`` (a gather), ``dx = g W``. Computation runs in ``dtype`` (the autocast dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x, B, A, values, indices, bias, scale: float, dtype: torch.dtype):
+        x = x.to(dtype)
+        ctx.save_for_backward(x, B, A, values, indices)
+        ctx.scale, ctx.dtype, ctx.has_bias = scale, dtype, bias is not None
+        w = _compose(B, A, values, indices, scale, dtype)
+        return F.linear(x, w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, B, A, values, indices = ctx.saved_tensors
+        scale, dtype = ctx.scale, ctx.dtype
+        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
+        grad_x = grad_B = grad_A = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ _compose(B, A, values, indices, scale, dtype)).view(x.shape)
+        if any(ctx.needs_input_grad[1:4]):
+            gw = g.t() @ x.reshape(-1, x.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_B = (gw @ A.to(dtype).t()).mul_(scale).to(B.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_A = (B.to(dtype).t() @ gw).mul_(scale).to(A.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_values = gw.view(-1).index_select(0, indices).to(values.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = g.sum(0)
+        return grad_x, grad_B, grad_A, grad_values, None, grad_bias, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class SparseLowRankLinear(nn.Module):
+    """SLTrain: ``W = (alpha / r) B A + S``, ``S`` supported on ``floor(delta * out * in)`` random fixed positions.
+
+    Stored: ``lora_B`` (out x r, zeros), ``lora_A`` (r x in) and ``sparse_values`` (nnz) as parameters initialised
+    like ``nn.Linear`` (U(+-1/sqrt(in))), and ``sparse_indices`` (nnz flat row-major positions, sorted, int32 when
+    they fit) as a buffer: no dense mask anywhere. Defaults follow SLTrain's scripts (r=128, alpha=32, delta=0.03).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, density: float = 0.03, alpha: float = 32.0,
+                 bias: bool = False, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.density, self.alpha, self.scale = density, alpha, alpha / rank
+        kw = {"device": device, "dtype": dtype}
+        numel = in_features * out_features
+        nnz = int(density * numel)
+        self.lora_A = nn.Parameter(_kaiming_uniform_(torch.empty(rank, in_features, **kw), in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **kw))
+        self.sparse_values = nn.Parameter(_kaiming_uniform_(torch.empty(nnz, **kw), in_features))
+        index_dtype = torch.int32 if numel < 2**31 else torch.int64
+        if self.lora_A.device.type == "meta":
+            indices = torch.empty(nnz, dtype=index_dtype, device="meta")
+        else:
+            perm = torch.randperm(numel)[:nnz]
+            indices = perm.sort().values.to(device=self.lora_A.device, dtype=index_dtype)
+        self.register_buffer("sparse_indices", indices)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SparseLowRankFunction.apply(x, self.lora_B, self.lora_A, self.sparse_values, self.sparse_indices,
+                                            self.bias, self.scale, _compute_dtype(x))
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_B, self.lora_A
+
+    def dense_weight(self) -> torch.Tensor:
+        return _compose(self.lora_B, self.lora_A, self.sparse_values, self.sparse_indices, self.scale,
+                        self.lora_A.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"density={self.density}, nnz={self.sparse_values.numel()}, alpha={self.alpha}"
+
+
+class ReLoRALinear(nn.Module):
+    """ReLoRA: ``y = x W^T + (alpha / r) x (B A)^T + b`` with ``W`` frozen (the dense init) and ``B A`` trained.
+
+    ``merge_and_reinit`` sets ``W <- W + (alpha / r) B A``, ``B <- 0``, ``A <- U(+-1/sqrt(in))``: the layer's
+    function is unchanged at the merge, and the next cycle learns a new rank-``r`` increment.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float = 32.0):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
+        self.alpha, self.scale = alpha, alpha / rank
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.bias = base.bias
+        self.lora_A = nn.Parameter(_kaiming_uniform_(torch.empty(rank, self.in_features, **kw), self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_B, self.lora_A
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight + self.scale * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def merge_and_reinit(self) -> None:
+        self.weight.addmm_(self.lora_B, self.lora_A, alpha=self.scale)
+        self.lora_B.zero_()
+        _kaiming_uniform_(self.lora_A, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"alpha={self.alpha}"

@@ -1,0 +1,154 @@
+"""The weight-space parameterizations as training-loop methods: ``rankwise train --method lowrank --rank 64``.
+
+``prepare`` swaps the target linears (attention and MLP projections of the transformer blocks) for the
+parameterized layers; embeddings, LM head and norms stay dense and trainable. The optimizer is the baseline AdamW
+on the trainable parameters. ``after_step`` refactorizes / merges and resets optimizer state; ``lr_factor`` gives
+ReLoRA's jagged re-warmup. All of it is a pure function of the step, so resume is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import RankwiseError
+from ..methods import Method, register
+from .layers import LowRankLinear, ReLoRALinear, SparseLowRankLinear
+from .ops import check_rank, parse_targets, prune_state, refactorize, replace_linears, reset_state, target_linears
+
+STATE_RESETS = ("magnitude", "random", "full")
+
+
+class ReparamMethod(Method):
+    """Swap target linears for ``build_layer(linear)``; every ``refactor_every`` steps re-balance the factors by
+    SVD (``ops.refactorize``) and, with ``reset_moments``, forget their optimizer state (Glentis et al. 2025)."""
+
+    def __init__(self, rank: int, target: str = "attn,mlp", full_rank_ends: int = 0, refactor_every: int = 0,
+                 reset_moments: bool = False):
+        if refactor_every < 0:
+            raise RankwiseError(f"refactor_every must be >= 0 (0 = never), got {refactor_every}")
+        if reset_moments and not refactor_every:
+            raise RankwiseError("reset_moments resets the moments at each refactorization; set refactor_every > 0 "
+                                "too (e.g. --opt refactor_every=200)")
+        self.rank, self.targets, self.full_rank_ends = rank, parse_targets(target), full_rank_ends
+        self.refactor_every, self.reset_moments = refactor_every, reset_moments
+        self.layers: list[nn.Module] = []
+
+    def build_layer(self, linear: nn.Linear, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        names = target_linears(model, self.targets, self.full_rank_ends)
+        check_rank(self.rank, [model.get_submodule(n) for n in names])
+        self.layers = replace_linears(model, names, lambda linear: self.build_layer(linear, model))
+        return model
+
+    def factor_params(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.factors()]
+
+    def refactor_due(self, step: int) -> bool:
+        return bool(self.refactor_every) and step % self.refactor_every == 0
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.refactor_due(step):
+            refactorize([layer.factors() for layer in self.layers])
+            if self.reset_moments:
+                reset_state(optimizer, self.factor_params())
+
+
+class LowRankMethod(ReparamMethod):
+    def build_layer(self, linear: nn.Linear, model: nn.Module) -> nn.Module:
+        std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+        w = linear.weight
+        return LowRankLinear(linear.in_features, linear.out_features, self.rank, bias=linear.bias is not None,
+                             std=std, device=w.device, dtype=w.dtype)
+
+
+class SLTrainMethod(ReparamMethod):
+    def __init__(self, rank: int, density: float, alpha: float, target: str):
+        if not 0 < density < 1:
+            raise RankwiseError(f"density must be in (0, 1), got {density}")
+        if not alpha > 0:
+            raise RankwiseError(f"alpha must be > 0, got {alpha}")
+        super().__init__(rank, target)
+        self.density, self.alpha = density, alpha
+
+    def build_layer(self, linear: nn.Linear, model: nn.Module) -> nn.Module:
+        w = linear.weight
+        return SparseLowRankLinear(linear.in_features, linear.out_features, self.rank, self.density, self.alpha,
+                                   bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+
+
+class ReLoRAMethod(ReparamMethod):
+    """ReLoRA: every ``reset_every`` steps merge ``B A`` into ``W``, restart the factors, prune (or drop) their
+    optimizer state, and re-warm the learning rate linearly over ``restart_warmup`` steps (the jagged schedule).
+
+    Default state reset: random pruning of 99% of the factors' moments with one mask shared by both moments (as in
+    the benchmark's ReLoRA scripts). ReLoRA's per-moment magnitude pruning (``state_reset=magnitude``) can keep a
+    first moment whose second moment was zeroed, a huge step right after the merge unless the re-warmup is long.
+    """
+
+    def __init__(self, rank: int, alpha: float, reset_every: int, restart_warmup: int, state_reset: str,
+                 prune_ratio: float, target: str, refactor_every: int, reset_moments: bool):
+        if reset_every <= 0:
+            raise RankwiseError(f"reset_every must be a positive number of steps, got {reset_every}")
+        if not 0 <= restart_warmup < reset_every:
+            raise RankwiseError(f"restart_warmup must be in [0, reset_every={reset_every}), got {restart_warmup}")
+        if state_reset not in STATE_RESETS:
+            raise RankwiseError(f"unknown state_reset {state_reset!r}; valid: {', '.join(STATE_RESETS)}")
+        if not 0 <= prune_ratio <= 1:
+            raise RankwiseError(f"prune_ratio must be in [0, 1], got {prune_ratio}")
+        if not alpha > 0:
+            raise RankwiseError(f"alpha must be > 0, got {alpha}")
+        super().__init__(rank, target, refactor_every=refactor_every, reset_moments=reset_moments)
+        self.alpha, self.reset_every, self.restart_warmup = alpha, reset_every, restart_warmup
+        self.state_reset, self.prune_ratio = state_reset, prune_ratio
+
+    def build_layer(self, linear: nn.Linear, model: nn.Module) -> nn.Module:
+        return ReLoRALinear(linear, self.rank, self.alpha)
+
+    def refactor_due(self, step: int) -> bool:
+        return super().refactor_due(step) and step % self.reset_every != 0  # a merge restarts the factors anyway
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().after_step(step, model, optimizer)
+        if step % self.reset_every:
+            return
+        for layer in self.layers:
+            layer.merge_and_reinit()
+        if self.state_reset == "full":
+            reset_state(optimizer, self.factor_params())
+        else:
+            prune_state(optimizer, self.factor_params(), self.prune_ratio, self.state_reset)
+
+    def lr_factor(self, step: int) -> float:
+        """``step`` optimizer steps are done; the next one is ``step % reset_every`` steps after the last merge."""
+        since = step % self.reset_every
+        if step < self.reset_every or since >= self.restart_warmup:
+            return 1.0
+        return (since + 1) / (self.restart_warmup + 1)
+
+
+@register("lowrank", "reparam", "W = B A trained from scratch (rank r); optional SVD refactorization + moment reset")
+def lowrank(rank: int = 128, target: str = "attn,mlp", full_rank_ends: int = 0, refactor_every: int = 0,
+            reset_moments: bool = False) -> Method:
+    return LowRankMethod(rank, target, full_rank_ends, refactor_every, reset_moments)
+
+
+@register("lowrank-rr", "reparam", "low-rank W = B A + weight refactorization and momentum reset (Glentis et al.)")
+def lowrank_rr(rank: int = 128, target: str = "attn,mlp", full_rank_ends: int = 0, refactor_every: int = 200,
+               reset_moments: bool = True) -> Method:
+    return LowRankMethod(rank, target, full_rank_ends, refactor_every, reset_moments)
+
+
+@register("relora", "reparam", "ReLoRA: frozen W + B A, merged and restarted every reset_every steps, jagged LR")
+def relora(rank: int = 128, alpha: float = 32.0, reset_every: int = 1000, restart_warmup: int = 100,
+           state_reset: str = "random", prune_ratio: float = 0.99, target: str = "attn,mlp",
+           refactor_every: int = 0, reset_moments: bool = False) -> Method:
+    return ReLoRAMethod(rank, alpha, reset_every, restart_warmup, state_reset, prune_ratio, target, refactor_every,
+                        reset_moments)
+
+
+@register("sltrain", "reparam", "SLTrain: W = (alpha/r) B A + S, S sparse on a random fixed support (density)")
+def sltrain(rank: int = 128, density: float = 0.03, alpha: float = 32.0, target: str = "attn,mlp") -> Method:
+    return SLTrainMethod(rank, density, alpha, target)
