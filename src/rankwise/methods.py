@@ -96,6 +96,7 @@ _REGISTRY: dict[str, MethodInfo] = {}
 BUILTIN_MODULES = [
     "rankwise.methods",
     "rankwise.optim.methods",
+    "rankwise.reparam.methods",
     "rankwise.adapters.methods",
 ]
 
