@@ -31,7 +31,8 @@ def topk_route(logits: torch.Tensor, k: int, gate: str = "softmax",
     idx = scores.topk(k, dim=-1).indices
     if gate == "unit":
         return idx, torch.ones(idx.shape, dtype=logits.dtype, device=logits.device)
-    vals = torch.softmax(logits.gather(-1, idx).float(), dim=-1).to(logits.dtype)
+    vals = torch.softmax(logits.gather(-1, idx), dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    vals = vals.to(logits.dtype)
     return idx, vals * k if gate == "scaled-softmax" else vals
 
 
