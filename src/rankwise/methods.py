@@ -98,6 +98,7 @@ BUILTIN_MODULES = [
     "rankwise.optim.methods",
     "rankwise.reparam.methods",
     "rankwise.adapters.methods",
+    "rankwise.adapters.moe.methods",
 ]
 
 
