@@ -43,11 +43,10 @@ class _Correction(torch.optim.Optimizer):
     def _grads(group: list[LoRA]) -> tuple[torch.Tensor, ...] | None:
         if any(m.lora_A.grad is None or m.lora_B.grad is None for m in group):
             return None
-        a = torch.stack([m.lora_A.detach() for m in group]).float()
-        b = torch.stack([m.lora_B.detach() for m in group]).float()
-        ga = torch.stack([m.lora_A.grad for m in group]).float()
-        gb = torch.stack([m.lora_B.grad for m in group]).float()
-        return a, b, ga, gb
+        dtype = torch.promote_types(group[0].lora_A.dtype, torch.float32)  # bf16 factors: solve in fp32
+        return tuple(torch.stack(ts).to(dtype) for ts in (
+            [m.lora_A.detach() for m in group], [m.lora_B.detach() for m in group],
+            [m.lora_A.grad for m in group], [m.lora_B.grad for m in group]))
 
     def correct(self) -> None:
         raise NotImplementedError

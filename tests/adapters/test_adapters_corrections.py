@@ -1,0 +1,97 @@
+"""LoRA-Pro and AltLoRA: the corrected factor gradients give the closed-form equivalent gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankwise.adapters import AltLoRA, LoRAPro
+from rankwise.adapters.base import AdapterLinear
+from rankwise.adapters.lora import LoRA
+from rankwise.errors import RankwiseError
+
+IN, OUT, R = 24, 16, 3
+
+
+def layer(seed: int = 0) -> tuple[AdapterLinear, LoRA, torch.Tensor, torch.Tensor]:
+    """A LoRA layer with non-zero factors and a loss; returns (layer, lora, full gradient G, input)."""
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(IN, OUT).double()
+    lora = LoRA(base, R, alpha=6.0).double()
+    with torch.no_grad():
+        lora.lora_B.normal_()
+        lora.lora_A.normal_()
+    wrapped = AdapterLinear(base)
+    wrapped.adapters["default"] = lora
+    wrapped.active = ["default"]
+    base.requires_grad_(False)
+    x, target = torch.randn(32, IN, dtype=torch.float64), torch.randn(32, OUT, dtype=torch.float64)
+    w = (base.weight + lora.delta_weight()).detach().requires_grad_(True)
+    ((x @ w.T + base.bias - target) ** 2).sum().backward()  # same loss through a dense W: G = dL/dW
+    ((wrapped(x) - target) ** 2).sum().backward()
+    return wrapped, lora, w.grad, x
+
+
+def projectors(lora: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
+    b, a = lora.lora_B.detach(), lora.lora_A.detach()
+    return b @ torch.linalg.solve(b.T @ b, b.T), a.T @ torch.linalg.solve(a @ a.T, a)
+
+
+def equivalent(lora: LoRA, ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+    return lora.scaling * (lora.lora_B.detach() @ ga + gb @ lora.lora_A.detach())
+
+
+def test_lora_pro_equivalent_gradient_is_the_closed_form_projection():
+    _, lora, g, _ = layer()
+    a0, b0 = lora.lora_A.detach().clone(), lora.lora_B.detach().clone()
+    opt = LoRAPro(torch.optim.SGD(lora.parameters(), lr=1.0), [lora])
+    opt.step()
+    ga, gb = a0 - lora.lora_A.detach(), b0 - lora.lora_B.detach()  # SGD(lr=1) applied the corrected grads
+    with torch.no_grad():
+        lora.lora_A.copy_(a0)
+        lora.lora_B.copy_(b0)
+    pb, pa = projectors(lora)
+    eye = torch.eye(OUT, dtype=g.dtype)
+    g_eq = equivalent(lora, ga, gb)
+    assert torch.allclose(g_eq, pb @ g + (eye - pb) @ g @ pa, atol=1e-9)
+    # optimality: the residual is orthogonal to the tangent space {B X + Y A}
+    x, y = torch.randn(R, IN, dtype=g.dtype), torch.randn(OUT, R, dtype=g.dtype)
+    residual = g - g_eq
+    assert abs((residual * (b0 @ x)).sum()) < 1e-8 and abs((residual * (y @ a0)).sum()) < 1e-8
+
+
+def test_altlora_alternates_b_then_a_with_projected_gradients():
+    wrapped, lora, g, x = layer(1)
+    pb, pa = projectors(lora)
+    opt = AltLoRA(torch.optim.SGD(lora.parameters(), lr=1.0), [lora])
+    a0, b0 = lora.lora_A.detach().clone(), lora.lora_B.detach().clone()
+    opt.step()  # step 0: only B, equivalent gradient G P_A
+    assert torch.equal(lora.lora_A.detach(), a0)
+    gb = b0 - lora.lora_B.detach()
+    assert torch.allclose(lora.scaling * gb @ a0, g @ pa, atol=1e-9)
+    opt.zero_grad()
+    w = (wrapped.base_layer.weight + lora.delta_weight()).detach().requires_grad_(True)
+    target = torch.randn(32, OUT, dtype=torch.float64)
+    ((x @ w.T + wrapped.base_layer.bias - target) ** 2).sum().backward()
+    ((wrapped(x) - target) ** 2).sum().backward()
+    pb, _ = projectors(lora)
+    a1, b1 = lora.lora_A.detach().clone(), lora.lora_B.detach().clone()
+    opt.step()  # step 1: only A, equivalent gradient P_B G
+    assert torch.equal(lora.lora_B.detach(), b1)
+    assert torch.allclose(lora.scaling * b1 @ (a1 - lora.lora_A.detach()), pb @ w.grad, atol=1e-9)
+
+
+def test_wrappers_share_state_with_scheduler_and_checkpoints():
+    _, lora, _, _ = layer(2)
+    opt = LoRAPro(torch.optim.AdamW(lora.parameters(), lr=0.1), [lora])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    opt.step()
+    sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    state = opt.state_dict()
+    assert state["correction_steps"] == 1 and len(opt.state) == 2
+    fresh = LoRAPro(torch.optim.AdamW(lora.parameters(), lr=0.1), [lora])
+    fresh.load_state_dict(state)
+    assert fresh.steps == 1 and torch.equal(fresh.state[lora.lora_A]["exp_avg"], opt.state[lora.lora_A]["exp_avg"])
+    with pytest.raises(RankwiseError, match="corrects LoRA factors"):
+        LoRAPro(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), [])
