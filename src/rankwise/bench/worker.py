@@ -1,0 +1,66 @@
+"""One benchmark run: ``python -m rankwise.bench.worker JOB.json`` trains one method and writes ``result.json``.
+
+Each method runs in a fresh process (by default) so that its peak memory and throughput are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def memory_breakdown(model: torch.nn.Module, optimizer_state_bytes: int) -> dict[str, int]:
+    """Bytes of weights (all parameters and buffers), gradients (trainable parameters) and optimizer state."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return {"weights_bytes": weights, "grads_bytes": grads, "optimizer_state_bytes": optimizer_state_bytes,
+            "train_mem_bytes": weights + grads + optimizer_state_bytes}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train ``job["config"]`` (a ``TrainConfig`` as a dict); write and return the result record."""
+    from ..train import TrainConfig, train
+
+    cfg = TrainConfig.from_dict(job["config"])
+    start = time.perf_counter()
+    res = train(cfg)
+    m = res.metrics
+    record = {
+        "label": job["label"], "method": cfg.method, "options": m["config"]["method_options"], "lr": cfg.lr,
+        "initial_eval_loss": m["initial_eval_loss"], "eval_loss": m["final_eval_loss"], "eval_ppl": m["eval_ppl"],
+        "final_train_loss": m["final_train_loss"], "trainable_params": m["trainable_params"],
+        "total_params": m["total_params"], "tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"],
+        "peak_mem_bytes": m["peak_mem_bytes"], "peak_mem_kind": m["peak_mem_kind"],
+        **memory_breakdown(res.model, m["optimizer_state_bytes"]),
+        "wall_s": time.perf_counter() - start, "status": "ok",
+        "history": res.history, "config": m["config"],
+    }
+    out = Path(job["run_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "result.json", record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    job = json.loads(Path(args[0]).read_text())
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    run_job(job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
