@@ -53,6 +53,7 @@ class MultitaskConfig:
     accuracy_examples: int = 200
     seed: int = 0
     device: str = "auto"
+    matched_lora: bool = True     # also train LoRA with as many activated parameters as SMoRA (router included)
     extra_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method option overrides
 
     def validate(self) -> None:
@@ -121,20 +122,27 @@ def run_multitask_suite(cfg: MultitaskConfig | dict[str, Any] | None = None,
     prose = data.tasks.get("prose", next(iter(data.tasks.values()))).corpus
     base = train(TrainConfig(method="full", steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, **common), corpus=prose).model
     rows = [_summary("base", evaluate_tasks(base, data, cfg, device), {"activated_params": 0, "trainable_params": 0})]
-    for name in cfg.methods:
-        model = copy.deepcopy(base)
+    runs = [(name, name, cfg.method_options(name)) for name in cfg.methods]
+    done: dict[str, dict[str, Any]] = {}
+    while runs:
+        label, name, options = runs.pop(0)
         t0 = time.perf_counter()
-        res = train(TrainConfig(method=name, method_options=cfg.method_options(name), steps=cfg.steps, lr=cfg.lr,
-                                **common), model=model, corpus=data.mixture)
+        res = train(TrainConfig(method=name, method_options=options, steps=cfg.steps, lr=cfg.lr, **common),
+                    model=copy.deepcopy(base), corpus=data.mixture)
         wall = time.perf_counter() - t0
         active, trainable = activated_params(res.model)
         usage = routing_usage(res.model)
         if usage:
-            plot_routing(usage, out / f"routing_{name}.png", f"{name}: expert usage while training")
+            plot_routing(usage, out / f"routing_{label}.png", f"{label}: expert usage while training")
             reset_usage(res.model)
-        rows.append(_summary(name, evaluate_tasks(res.model, data, cfg, device), {
+        done[label] = _summary(label, evaluate_tasks(res.model, data, cfg, device), {
             "activated_params": active, "trainable_params": trainable, "tokens_per_s": res.metrics["tokens_per_s"],
-            "train_seconds": wall, "options": cfg.method_options(name)}))
+            "train_seconds": wall, "options": options})
+        rows.append(done[label])
+        if cfg.matched_lora and label == "smora" and "lora" in done:
+            per_rank = done["lora"]["activated_params"] / cfg.method_options("lora")["r"]
+            r = max(1, round(active / per_rank))
+            runs.append((f"lora r={r}", "lora", {**cfg.method_options("lora"), "r": r}))
     _write(out, cfg, rows)
     return rows
 
@@ -199,7 +207,7 @@ def plot_bars(rows: list[dict[str, Any]], png: Path) -> None:
 
 def smoke_config(**overrides: Any) -> MultitaskConfig:
     """A seconds-long configuration (tests, CI)."""
-    base = dict(tasks=("prose", "add", "sort"), examples=200, tokens_per_task=3000, pretrain_steps=3, steps=3,
+    base = dict(tasks=("prose", "add", "sort"), matched_lora=False, examples=200, tokens_per_task=3000, pretrain_steps=3, steps=3,
                 batch_size=4, seq_len=32, eval_batches=1, accuracy_examples=8, total_rank=16, active_rank=4,
                 expert_rank=2)
     return replace(MultitaskConfig(), **{**base, **overrides})

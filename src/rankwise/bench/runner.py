@@ -109,7 +109,7 @@ def _run_isolated(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     job_path.write_text(json.dumps(job, indent=1))
     log_path = run_dir / "log.txt"
     with log_path.open("w") as log:
-        proc = subprocess.run([sys.executable, "-m", "rankwise.bench.worker", str(job_path)], stdout=log,
+        proc = subprocess.run([sys.executable, "-m", "rankwise.bench", str(job_path)], stdout=log,
                               stderr=subprocess.STDOUT, env=os.environ.copy())
     result = run_dir / "result.json"
     if proc.returncode != 0 or not result.exists():

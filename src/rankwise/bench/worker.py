@@ -1,4 +1,4 @@
-"""One benchmark run: ``python -m rankwise.bench.worker JOB.json`` trains one method and writes ``result.json``.
+"""One benchmark run: ``python -m rankwise.bench JOB.json`` trains one method and writes ``result.json``.
 
 Each method runs in a fresh process (by default) so that its peak memory and throughput are its own.
 """
@@ -6,6 +6,7 @@ Each method runs in a fresh process (by default) so that its peak memory and thr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -55,12 +56,6 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    job = json.loads(Path(args[0]).read_text())
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
-    run_job(job)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the loop logs every 10 steps when quiet
+    run_job(json.loads(Path(args[0]).read_text()))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
