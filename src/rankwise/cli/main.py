@@ -18,6 +18,8 @@ COMMANDS = [
     "methods",
     "bench",
     "merge",
+    "analyze",
+    "compress",
 ]
 
 

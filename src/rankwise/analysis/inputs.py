@@ -1,0 +1,71 @@
+"""What the analyses read: a model (preset, transformers folder, or a ``rankwise train`` run) and token batches."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import RankwiseError
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    data: str          # the corpus the model was trained on (a run's), else the default corpus
+    vocab_size: int    # tokenizer vocabulary to pair with it
+
+
+def load_model(spec: str, data: str | None = None, vocab_size: int = 8192, seed: int = 0) -> LoadedModel:
+    """``spec``: a preset name (random init), a transformers folder (``config.json`` [+ weights]) or the ``--out``
+    folder of ``rankwise train`` (its method is re-applied, then its checkpoint loaded)."""
+    from .. import checkpoint as ckpt
+    from .. import methods
+    from ..data import prepare
+    from ..models import PRESETS, build_model
+    from ..train import TrainConfig
+
+    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, ckpt.CHECKPOINT_FILE)):
+        state = ckpt.load(spec)
+        cfg = TrainConfig.from_dict(state["config"])
+        corpus = prepare(cfg.data, cfg.vocab_size)
+        model = build_model(cfg.preset, vocab_size=corpus.vocab_size, seed=cfg.seed)
+        model = methods.get(cfg.method, **cfg.method_options).prepare(model)
+        model.load_state_dict(state["model"])
+        return LoadedModel(model, data or cfg.data, cfg.vocab_size)
+    if spec not in PRESETS and not os.path.isdir(spec):
+        raise RankwiseError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}), a transformers model "
+                            "folder nor a `rankwise train --out` folder")
+    data = data or "stdlib-docs"
+    if spec in PRESETS:
+        return LoadedModel(build_model(spec, vocab_size=prepare(data, vocab_size).vocab_size, seed=seed), data,
+                           vocab_size)
+    return LoadedModel(build_model(spec, seed=seed), data, vocab_size)
+
+
+def token_batches(data: str, vocab_size: int, n: int, batch_size: int, seq_len: int, split: str = "train",
+                  seed: int = 0) -> list[torch.Tensor]:
+    """``n`` batches of (batch_size, seq_len + 1) token ids from ``data`` (training batches are the training loop's
+    own deterministic draws; ``split="val"`` gives its evaluation windows)."""
+    from ..data import Batches, prepare
+
+    for name, v in (("batches", n), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(v, int) or v <= 0:
+            raise RankwiseError(f"{name} must be a positive integer, got {v!r}")
+    corpus = prepare(data, vocab_size)
+    source = Batches(corpus.split(split), batch_size, seq_len, seed)
+    if split == "val":
+        return source.eval_batches(n)
+    return [source.train_batch(i) for i in range(n)]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """exp of the mean next-token loss over ``batches`` (fp32)."""
+    import math
+
+    from ..train import evaluate
+
+    return math.exp(evaluate(model, batches, next(model.parameters()).device, "fp32"))

@@ -1,0 +1,123 @@
+"""Tables (rich), JSON and PNG figures (matplotlib, Agg) of the analyses; every file written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+HEATMAP_COLUMNS = ("weight_effective_rank", "weight_energy90_rank", "weight_energy99_rank", "weight_stable_rank",
+                   "grad_effective_rank", "grad_energy90_rank", "grad_energy99_rank", "grad_stable_rank",
+                   "drift_overlap")
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    _atomic(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=1, default=float)))
+
+
+def _save(fig, path: str | Path) -> None:
+    _atomic(Path(path), lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def heatmap(rows: list[dict], path: str | Path) -> None:
+    """Layers x metrics; every rank metric divided by the matrix's full rank (so 1 = full rank), overlap as is."""
+    cols = [c for c in HEATMAP_COLUMNS if any(c in r for r in rows)]
+    data = torch.tensor([[r.get(c, float("nan")) / (1.0 if c == "drift_overlap" else r["full_rank"]) for c in cols]
+                         for r in rows])
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 3, 0.28 * len(rows) + 1.8))
+    im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(cols)), [c.replace("_", "\n", 1) for c in cols], fontsize=7)
+    ax.set_yticks(range(len(rows)), [short_name(r["name"]) for r in rows], fontsize=6)
+    for (i, j), v in zip(((i, j) for i in range(data.shape[0]) for j in range(data.shape[1])), data.flatten()):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="w" if v < 0.6 else "k")
+    fig.colorbar(im, ax=ax, label="rank / full rank (drift: overlap)")
+    ax.set_title("low-rank structure per layer")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def spectra_plot(weight: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Normalised singular values s_i / s_1 (log scale) vs normalised index i / k, one line per matrix."""
+    panels = [("weights", weight)] + ([("gradients", grad)] if grad else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, (title, spectra) in zip(axes[0], panels):
+        for i, (name, s) in enumerate(spectra.items()):
+            s = s.float()
+            x = torch.arange(1, s.numel() + 1) / s.numel()
+            ax.semilogy(x.numpy(), (s / s[0].clamp_min(1e-30)).clamp_min(1e-12).numpy(), lw=0.8,
+                        color=cmap(i / max(1, len(spectra) - 1)), label=name if len(spectra) <= 12 else None)
+        ax.set_xlabel("i / rank")
+        ax.set_ylabel("s_i / s_1")
+        ax.set_title(f"singular values of {title}")
+        ax.grid(alpha=0.3)
+        if len(spectra) <= 12:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Path, xlabel: str, ylabel: str,
+              title: str, logx: bool = False, logy: bool = False) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, "o-", label=label)
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def short_name(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``3.attn.q_proj`` (table rows)."""
+    return name.replace("model.layers.", "").replace("self_attn", "attn")
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str) -> None:
+    """A rich table of ``rows`` with (key, header) ``columns``; the first column is a module name."""
+    import shutil
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for i, (_, header) in enumerate(columns):
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for r in rows:
+        cells = [_fmt(r.get(k, "")) for k, _ in columns]
+        table.add_row(short_name(cells[0]), *cells[1:])
+    Console(width=max(140, shutil.get_terminal_size().columns)).print(table)
