@@ -100,3 +100,12 @@ def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
     assert main(["bench", "--budget", "big", "--out", str(tmp_path)]) == 2
     assert "cannot read memory size 'big'" in capsys.readouterr().err
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_cli_method_specs_take_colon_separated_options():
+    from rankwise.cli.bench import _split_methods
+
+    assert _split_methods("full, galore:rank=32:update_gap=100,relora") == [
+        "full", "galore:rank=32,update_gap=100", "relora"]
+    _, entries = resolve(BenchConfig(methods=_split_methods("galore:rank=32:update_gap=100")))
+    assert entries[0].spec.options == {"rank": 32, "update_gap": 100, "scale": 0.25}
