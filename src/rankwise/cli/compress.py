@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.eval_batches < 0:
         raise RankwiseError(f"--eval-batches must be >= 0, got {args.eval_batches}")
+    if not 0.0 <= args.ratio < 1.0 or not 0.0 <= args.min_ratio < 1.0:
+        raise RankwiseError(f"--ratio and --min-ratio must be in [0, 1) (fractions of ranks removed), got "
+                            f"{args.ratio} and {args.min_ratio}")
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RankwiseError(f"--out {str(out)!r} exists and is not an empty folder; choose a new folder")

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+
+from analysis_helpers import small_llama
+from rankwise.cli.main import main
+from rankwise.models import build_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, corpus):
+    path = tmp_path_factory.mktemp("model")
+    small_llama(vocab=corpus.vocab_size).save_pretrained(path)
+    return str(path)
+
+
+def test_analyze_writes_tables_json_and_figures(model_dir, tmp_path, capsys):
+    out = tmp_path / "an"
+    assert main(["analyze", "--model", model_dir, "--batches", "2", "--batch-size", "2", "--seq-len", "16",
+                 "--rank", "4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "computational limits" in text and "0.attn.q_proj" in text
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["batches"] == 2 and len(result["layers"]) == 14 and len(result["attention_limits"]) == 2
+    assert {"grad_effective_rank", "drift_overlap", "weight_stable_rank"} <= set(result["layers"][0])
+    for png in ("heatmap.png", "spectra.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["analyze", "--model", model_dir, "--batches", "0", "--json"]) == 0
+    weights_only = json.loads(capsys.readouterr().out)
+    assert weights_only["attention_limits"] == [] and "grad_stable_rank" not in weights_only["layers"][0]
+
+
+def test_compress_ratio_zero_keeps_ppl_and_ratio_half_writes_a_smaller_model(model_dir, tmp_path, capsys):
+    assert main(["compress", "--model", model_dir, "--ratio", "0", "--eval-batches", "1", "--seq-len", "16",
+                 "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["ppl_after"] == pytest.approx(same["ppl_before"], rel=1e-6) and same["rank_reduction"] == 0
+    out = tmp_path / "small"
+    assert main(["compress", "--model", model_dir, "--ratio", "0.5", "--min-ratio", "0.45", "--eval-batches", "1",
+                 "--seq-len", "16", "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["params_after"] < res["params_before"] and res["lrc"]
+    saved = json.loads((out / "welore.json").read_text())
+    assert saved["ranks"] == res["ranks"]
+    reloaded = build_model(str(out))  # a plain transformers model folder, the compressed function
+    w = reloaded.get_submodule(res["lrc"][0]).weight
+    assert torch.linalg.matrix_rank(w.double(), rtol=1e-4).item() == res["ranks"][res["lrc"][0]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "--model", "no-such-model", "--ratio", "0.5"], "neither a preset"),
+    (["compress", "--model", "tiny", "--ratio", "1.5", "--eval-batches", "0"], "ratio"),
+    (["analyze", "--model", "tiny", "--batches", "-1"], "--batches"),
+])
+def test_bad_inputs_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compress_refuses_a_non_empty_out(model_dir, tmp_path, capsys):
+    (tmp_path / "x").write_text("keep")
+    assert main(["compress", "--model", model_dir, "--ratio", "0.2", "--out", str(tmp_path)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
