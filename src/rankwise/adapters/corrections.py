@@ -34,7 +34,7 @@ class _Correction(torch.optim.Optimizer):
         groups: dict[tuple, list[LoRA]] = defaultdict(list)
         for m in loras:
             groups[(tuple(m.lora_A.shape), tuple(m.lora_B.shape), m.scaling, m.lora_A.device)].append(m)
-        self.groups = list(groups.values())
+        self.shape_groups = list(groups.values())
         self.steps = 0
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.state = optimizer.state
@@ -93,7 +93,7 @@ def projected_grads(a, b, ga, gb, s: float) -> tuple[torch.Tensor, torch.Tensor,
 
 class LoRAPro(_Correction):
     def correct(self) -> None:
-        for group in self.groups:
+        for group in self.shape_groups:
             g = self._grads(group)
             if g is not None:
                 ga, gb, _ = projected_grads(*g, group[0].scaling)
@@ -103,7 +103,7 @@ class LoRAPro(_Correction):
 
 class AltLoRA(_Correction):
     def correct(self) -> None:
-        for group in self.groups:
+        for group in self.shape_groups:
             g = self._grads(group)
             if g is None:
                 continue
