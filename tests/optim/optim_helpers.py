@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rankwise.models import build_model
@@ -30,3 +31,13 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range
 
 def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Micro-model tests run single-threaded (imported into a module, it applies there): the matrices are tiny and
+    spare threads only spin on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

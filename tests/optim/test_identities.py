@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optim_helpers import max_diff, micro_model, train_steps
+from optim_helpers import max_diff, micro_model, train_steps, single_thread  # noqa: F401 (autouse fixture)
 from rankwise.optim import SplitOptimizer, build
 
 STEPS = 8

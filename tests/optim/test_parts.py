@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from optim_helpers import micro_model, train_steps
+from optim_helpers import micro_model, train_steps, single_thread  # noqa: F401 (autouse fixture)
 from rankwise.errors import RankwiseError
 from rankwise.optim import SplitOptimizer, build
 from rankwise.optim.projectors import PROJECTORS, make_projector

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from optim_helpers import batch, micro_model, train_steps
+from optim_helpers import batch, micro_model, train_steps, single_thread  # noqa: F401 (autouse fixture)
 from rankwise.metrics import optimizer_state_bytes
 from rankwise.optim import SplitOptimizer, build, param_groups
 
@@ -101,16 +101,15 @@ def snapshot(model, opt) -> bytes:
     ("frugal", {"projector": "coordinates"}), ("badam", {"block_order": "random"}), ("lisa", {}),
 ])
 def test_state_dict_round_trip_resumes_bit_exact(name, options):
+    kw = {"update_gap": 2, "lr": 1e-2, **options, **({} if name in ("badam", "lisa") else {"rank": R})}
     model = micro_model()
-    opt = build(name, model, rank=R, update_gap=2, lr=1e-2, **options) if name not in ("badam", "lisa") else \
-        build(name, model, update_gap=2, lr=1e-2, **options)
+    opt = build(name, model, **kw)
     train_steps(model, opt, range(3))
     saved = snapshot(model, opt)
     train_steps(model, opt, range(3, 7))
 
     model2 = micro_model(seed=1)
-    opt2 = build(name, model2, rank=R, update_gap=2, lr=1e-2, **options) if name not in ("badam", "lisa") else \
-        build(name, model2, update_gap=2, lr=1e-2, **options)
+    opt2 = build(name, model2, **kw)
     state = torch.load(io.BytesIO(saved), weights_only=False)
     model2.load_state_dict(state["model"])
     opt2.load_state_dict(state["opt"])
@@ -130,8 +129,6 @@ def test_layerwise_matches_step_and_frees_grads(name):
     train_steps(b, opt_b, range(5))
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
-    from optim_helpers import batch
-
     x = batch(9)
     b(input_ids=x, labels=x).loss.backward()
     assert all(p.grad is None for p in b.parameters())

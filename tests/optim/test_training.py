@@ -19,19 +19,20 @@ PRESETS = {"full": {}, "galore": {"rank": 32}, "fira": {"rank": 32}, "frugal": {
 
 @pytest.mark.parametrize("method", PRESETS)
 def test_every_preset_lowers_validation_loss(corpus, method):
-    res = train(quick_config(method=method, method_options=PRESETS[method], steps=12, lr=3e-3, warmup_steps=2,
-                             eval_batches=2), corpus=corpus)
+    steps = 10
+    res = train(quick_config(method=method, method_options=PRESETS[method], steps=steps, batch_size=4, seq_len=32,
+                             lr=3e-3, warmup_steps=2, eval_batches=2), corpus=corpus)
     m = res.metrics
-    assert m["final_eval_loss"] < m["initial_eval_loss"] - 0.5
-    if method != "full":
-        assert m["optimizer_state_bytes"] == res.optimizer.expected_state_bytes((12 - 1) // res.optimizer
-                                                                                 .param_groups[0]["update_gap"])
+    assert m["final_eval_loss"] < m["initial_eval_loss"] - 0.3
+    if method != "full":  # the loop's measured state bytes == the closed form (period of the last step)
+        period = (steps - 1) // res.optimizer.param_groups[0]["update_gap"]
+        assert m["optimizer_state_bytes"] == res.optimizer.expected_state_bytes(period)
 
 
 def test_frugal_coordinates_resume_through_checkpoint_is_bit_exact(corpus, tmp_path):
     """stop + resume via the loop's checkpoint (int64 indices, Python-int counters, projector bases) == one run."""
     cfg = dict(method="frugal", method_options={"rank": 16, "projector": "coordinates", "update_gap": 3}, steps=7,
-               eval_batches=1)
+               batch_size=4, seq_len=32, eval_batches=1)
     straight = train(quick_config(**cfg), corpus=corpus)
     train(quick_config(**cfg, stop_at=4, out=str(tmp_path)), corpus=corpus)
     resumed = train(quick_config(**cfg, out=str(tmp_path), resume=str(tmp_path)), corpus=corpus)
@@ -41,7 +42,7 @@ def test_frugal_coordinates_resume_through_checkpoint_is_bit_exact(corpus, tmp_p
 
 def test_layerwise_in_the_loop(corpus):
     res = train(quick_config(method="galore", method_options={"rank": 16, "layerwise": True}, steps=6,
-                             eval_batches=1), corpus=corpus)
+                             batch_size=4, seq_len=32, eval_batches=1), corpus=corpus)
     assert res.optimizer.layerwise and all(p.grad is None for p in res.model.parameters())
     assert res.metrics["final_eval_loss"] < res.metrics["initial_eval_loss"]
     assert "grad_norm" not in res.history[-1]  # no gradient survives backward: clipping does not apply
