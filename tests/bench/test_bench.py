@@ -109,3 +109,7 @@ def test_cli_method_specs_take_colon_separated_options():
         "full", "galore:rank=32,update_gap=100", "relora"]
     _, entries = resolve(BenchConfig(methods=_split_methods("galore:rank=32:update_gap=100")))
     assert entries[0].spec.options == {"rank": 32, "update_gap": 100, "scale": 0.25}
+    _, entries = resolve(BenchConfig(methods=["full:lr_scale=4", "galore:lr_scale=1"]))
+    assert [(e.spec.options, e.spec.lr_scale) for e in entries] == [({}, 4.0), (entries[1].spec.options, 1.0)]
+    with pytest.raises(RankwiseError, match="lr_scale must be a positive number"):
+        resolve(BenchConfig(methods=["full:lr_scale=-1"]))

@@ -99,18 +99,25 @@ def get(name: str) -> BenchPreset:
 
 def parse_method(spec: str, preset: BenchPreset) -> tuple[str, MethodSpec]:
     """``galore`` (the preset's entry, or the method's defaults) or ``galore:rank=32,update_gap=100`` (options
-    on top of the preset's); values are JSON when they parse (``true``, ``0.5``), else strings."""
+    on top of the preset's); values are JSON when they parse (``true``, ``0.5``), else strings. The key
+    ``lr_scale`` sets the entry's learning-rate multiplier (e.g. ``full:lr_scale=4``)."""
     import json
 
     label, _, rest = spec.strip().partition(":")
     base = preset.methods.get(label, MethodSpec(label))
-    options = dict(base.options)
+    options, lr_scale = dict(base.options), base.lr_scale
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise RankwiseError(f"method option {item!r} in {spec!r} is not KEY=VALUE (e.g. galore:rank=32)")
         try:
-            options[key.replace("-", "_")] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return spec.strip(), replace(base, options=options)
+            parsed = value
+        if key == "lr_scale":
+            if not isinstance(parsed, (int, float)) or not parsed > 0:
+                raise RankwiseError(f"lr_scale must be a positive number, got {value!r} in {spec!r}")
+            lr_scale = float(parsed)
+        else:
+            options[key.replace("-", "_")] = parsed
+    return spec.strip(), replace(base, options=options, lr_scale=lr_scale)
