@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -64,8 +65,6 @@ def token_batches(data: str, vocab_size: int, n: int, batch_size: int, seq_len: 
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
     """exp of the mean next-token loss over ``batches`` (fp32)."""
-    import math
-
     from ..train import evaluate
 
     return math.exp(evaluate(model, batches, next(model.parameters()).device, "fp32"))

@@ -72,7 +72,7 @@ def analyze_model(model: nn.Module, batches: Iterable[torch.Tensor] | None = Non
     if not isinstance(rank, int) or rank <= 0:
         raise RankwiseError(f"rank must be a positive integer, got {rank!r}")
     weights = linear_weights(model, include_output)
-    w_spectra = batched_svdvals({n: w for n, w in weights.items()})
+    w_spectra = batched_svdvals(weights)
     rows = {n: {"name": n, "shape": list(w.shape), "full_rank": min(w.shape)} for n, w in weights.items()}
     for n, m in _metric_rows(w_spectra, "weight").items():
         rows[n].update(m)
