@@ -205,9 +205,22 @@ def plot_bars(rows: list[dict[str, Any]], png: Path) -> None:
     os.replace(tmp, png)
 
 
+def config_from_args(args: Any) -> MultitaskConfig:
+    """``rankwise bench --suite multitask`` flags (steps, seed, device, batch size, sequence length, learning rate,
+    evaluation batches, methods) over the defaults; flags left unset keep them."""
+    flags = {"steps": "steps", "seed": "seed", "device": "device", "batch_size": "batch_size", "seq_len": "seq_len",
+             "lr": "lr", "eval_batches": "eval_batches"}
+    values = {field_: getattr(args, flag) for flag, field_ in flags.items() if getattr(args, flag, None) is not None}
+    if getattr(args, "methods", None):
+        values["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if getattr(args, "rank", None):
+        values["active_rank"] = args.rank
+    return replace(MultitaskConfig(), **values)
+
+
 def smoke_config(**overrides: Any) -> MultitaskConfig:
     """A seconds-long configuration (tests, CI)."""
-    base = dict(tasks=("prose", "add", "sort"), matched_lora=False, examples=200, tokens_per_task=3000, pretrain_steps=3, steps=3,
+    base = dict(tasks=("prose", "add"), matched_lora=False, examples=200, tokens_per_task=3000, pretrain_steps=1, steps=2,
                 batch_size=4, seq_len=32, eval_batches=1, accuracy_examples=8, total_rank=16, active_rank=4,
                 expert_rank=2)
     return replace(MultitaskConfig(), **{**base, **overrides})

@@ -68,9 +68,8 @@ class RoutedLoRA(Parameterization):
         self.aux_coef = 0.0
         self.aux: torch.Tensor | None = None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Experts (N x k) and gates (N x k) of the tokens ``x`` (N x in); records statistics and the aux loss."""
-        logits = F.linear(x, self.router.to(x.dtype))
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts (N x k) and gates (N x k) from the router's ``logits`` (N x E); records statistics and aux loss."""
         bias = self.select_bias if bool(self.select_bias.any()) else None
         idx, vals = topk_route(logits, self.top_k, self.gate, bias)
         counts = expert_counts(idx.detach(), self.num_experts)
@@ -83,7 +82,14 @@ class RoutedLoRA(Parameterization):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x2, out2 = x.reshape(-1, self.in_features), out.reshape(-1, self.out_features)
-        idx, vals = self.route(x2)
+        if self.path == "masked" and not (self.dropout and self.training):
+            # router and down-projection read the same x: one GEMM with [A; W_router]
+            hz = F.linear(x2, torch.cat([self.lora_A, self.router]).to(x.dtype))
+            h, logits = hz.split([self.total_rank, self.num_experts], dim=-1)
+            idx, vals = self.route(logits)
+            gates = dense_gates(idx, vals, self.num_experts, self.group)
+            return masked_lora(h, gates, self.lora_B, out2, self.scaling).view(out.shape)
+        idx, vals = self.route(F.linear(x2, self.router.to(x.dtype)))
         xd = self.drop(x2)
         if self.path == "gathered":
             gates = vals if self.group == 1 else vals.repeat_interleave(self.group, dim=-1)
