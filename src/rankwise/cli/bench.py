@@ -12,6 +12,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark pre-training methods on one budget", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="presets:\n" + "\n".join(f"  {k:<11} {v.description}" for k, v in PRESETS.items()))
+    p.add_argument("--suite", choices=["pretrain", "multitask"], default="pretrain",
+                   help="pretrain (default): the methods below on one pre-training budget; multitask: LoRA, MixLoRA, "
+                        "SMoRA, FlyLoRA fine-tuned on the multi-task mixture at equal activated rank (docs/moe.md)")
     p.add_argument("--preset", default="tiny", help="benchmark preset (default tiny; see below)")
     p.add_argument("--methods", help="comma-separated methods, each NAME or NAME:KEY=VALUE:KEY=VALUE "
                                      "(default: the preset's 8: full, galore, fira, frugal, lowrank, lowrank-rr, "
@@ -43,6 +46,13 @@ def _split_methods(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "multitask":
+        from ..bench.multitask import config_from_args, markdown_table, run_multitask_suite
+
+        rows = run_multitask_suite(config_from_args(args), args.out)
+        print(markdown_table(rows))
+        print(f"wrote {args.out}/results.json, results.md, multitask.png, routing_*.png")
+        return 0
     from ..bench.report import print_table
     from ..bench.runner import BenchConfig, run_bench
 
