@@ -83,3 +83,23 @@ def test_anneal_rank_keeps_dropped_ranks_at_zero_under_training():
         layer(x, torch.zeros(16, 30, dtype=torch.float64)).square().sum().backward()
         opt.step()
     assert float(layer.lora_A.detach()[4:].abs().max()) == 0.0 and float(layer.lora_B.detach()[:, 4:].abs().max()) == 0.0
+
+
+def test_lora_squeeze_method_anneals_rank_during_training(corpus):
+    from conftest import quick_config
+    from rankwise import methods
+    from rankwise.adapters.inject import active_parameterizations
+    from rankwise.train import train
+
+    method = methods.get("lora-squeeze", r=8, final_rank=2, start=1, end=3, every=1)
+    assert [method.rank_at(s) for s in (1, 2, 3, 9)] == [8, 5, 2, 2]
+    res = train(quick_config(method="lora-squeeze", method_options={"r": 8, "final_rank": 2, "start": 1, "end": 3,
+                                                                     "every": 1}, steps=4, seq_len=16, batch_size=2,
+                             eval_batches=1), corpus=corpus)
+    for layer in active_parameterizations(res.model).values():
+        # the dropped rank pairs are exactly zero after training on: Delta W has rank <= 2
+        assert float(layer.lora_A.detach()[2:].abs().max()) == 0.0
+        assert float(layer.lora_B.detach()[:, 2:].abs().max()) == 0.0
+        assert float(layer.lora_B.detach()[:, :2].abs().max()) > 0
+    with pytest.raises(RankwiseError, match="final_rank"):
+        methods.get("lora-squeeze", r=4, final_rank=8)

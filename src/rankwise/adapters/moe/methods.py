@@ -14,7 +14,10 @@ from torch import nn
 from ...errors import RankwiseError
 from ...methods import Method, register
 from ..methods import DEFAULT_TARGET, AdapterMethod, resolve_rank
+from ..inject import active_parameterizations
+from ..lora import LoRA
 from .layers import balance_step, routed_layers
+from .squeeze import anneal_rank
 
 
 class RoutedAdapterMethod(AdapterMethod):
@@ -51,6 +54,35 @@ class RoutedAdapterMethod(AdapterMethod):
                 layer.step_load.zero_()
 
 
+class SqueezeMethod(AdapterMethod):
+    """LoRA whose rank is annealed from ``r`` to ``final_rank`` during training (LoRA-Squeeze in training): at steps
+    ``start, start + every, ...`` up to ``end`` each LoRA is replaced by its best rank-``r_t`` approximation, ``r_t``
+    falling linearly, with the dropped ranks exactly zero (they stay zero) and the optimizer state of the layer reset.
+    After training, ``squeeze_lora(model, final_rank)`` shrinks the shapes exactly."""
+
+    def __init__(self, final_rank: int, start: int, end: int, every: int, **options: Any):
+        super().__init__("lora", **options)
+        r = options["r"]
+        if not 1 <= final_rank <= r or not 1 <= start <= end or every < 1:
+            raise RankwiseError(f"lora-squeeze needs 1 <= final_rank <= r ({r}), 1 <= start <= end and every >= 1; "
+                                f"got final_rank={final_rank}, start={start}, end={end}, every={every}")
+        self.final_rank, self.start, self.end, self.every = final_rank, start, end, every
+
+    def rank_at(self, step: int) -> int:
+        """Target rank after step ``step`` (linear from r at ``start`` to ``final_rank`` at ``end``)."""
+        r = self.apply_options["r"]
+        frac = min(1.0, max(0.0, (step - self.start) / max(1, self.end - self.start)))
+        return round(r - frac * (r - self.final_rank)) if step >= self.start else r
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if step < self.start or step > self.end or (step - self.start) % self.every and step != self.end:
+            return
+        rank = self.rank_at(step)
+        for layer in active_parameterizations(model).values():
+            if isinstance(layer, LoRA):
+                anneal_rank(layer, rank, optimizer)
+
+
 def _common(r: int | None, rank: int | None, default_rank: int, alpha: float, target: str, dropout: float,
             seed: int, lr_scale: float) -> dict[str, Any]:
     return dict(r=resolve_rank(r, rank, default_rank), alpha=alpha, target=target, dropout=dropout, seed=seed,
@@ -80,3 +112,10 @@ def _flylora(r: int | None = None, rank: int | None = None, top_k: int = 8, alph
              dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
     return RoutedAdapterMethod("flylora", 0.0, bias_lr, top_k=top_k, density=density, path=path,
                                **_common(r, rank, 64, alpha, target, dropout, seed, lr_scale))
+
+
+@register("lora-squeeze", "moe", "LoRA annealed in training from rank r to final_rank by truncated SVD (LoRA-Squeeze)")
+def _lora_squeeze(r: int | None = None, rank: int | None = None, final_rank: int = 4, start: int = 50,
+                  end: int = 150, every: int = 25, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+                  dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+    return SqueezeMethod(final_rank, start, end, every, **_common(r, rank, 16, alpha, target, dropout, seed, lr_scale))
