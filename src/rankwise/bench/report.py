@@ -90,7 +90,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], preset, cfg) -> None:
     tokens = {r["tokens"] for r in ok}
     md = [f"# rankwise bench — preset `{cfg.preset}`", "", preset.description, "", markdown_table(rows), "",
           "Memory columns (MiB): *optim* is the exact size of every tensor in the optimizer's state after the "
-          "last step; *w+g+optim* adds all parameters and buffers (fp32 master weights, frozen ones "
+          "last step (if that step just dropped some state, as lowrank-rr's momentum reset does, the shape-based "
+          "size of the full state); *w+g+optim* adds all parameters and buffers (fp32 master weights, frozen ones "
           "included) and one gradient per trainable parameter (activations excluded); *peak* is the measured "
           f"{ok[0]['peak_mem_kind'] if ok else 'the peak'} of the training loop (on CPU, the resident-set growth: "
           "approximate).", "",
