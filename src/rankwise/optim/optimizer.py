@@ -242,11 +242,20 @@ class SplitOptimizer(torch.optim.Optimizer):
             inner.rotate(state, proj.dense(h, d).t() @ old)
         u = inner.direction(low, state, group)
         pt = canonical(p)
-        pt.add_(proj.up(u, h, d), alpha=-group["lr"] * group["scale"])
-        if group["residual"] != "drop":
-            residual = make_residual(group["residual"])
-            r = residual.direction(proj.residual(gt, low, h), low, u, state, group)
-            pt.add_(r, alpha=-group["lr"] * group["residual_lr_scale"])
+        lr, rls = group["lr"], group["residual_lr_scale"]
+        residual = make_residual(group["residual"])
+        c = None if group["residual"] == "drop" else residual.column_scale(gt, low, u, state)
+        if c is None:
+            pt.add_(proj.up(u, h, d), alpha=-lr * group["scale"])
+            if group["residual"] != "drop":
+                pt.add_(residual.direction(proj.residual(gt, low, h), low, u, state, group), alpha=-lr * rls)
+            return
+        # linear residual rule: scale P u + rls (Gt - P g) c = P (scale u - rls g c) + rls Gt c
+        pt.add_(proj.up(u.mul(group["scale"]).sub_(low * c, alpha=rls), h, d), alpha=-lr)
+        if isinstance(c, torch.Tensor):
+            pt.addcmul_(gt, c, value=-lr * rls)
+        else:
+            pt.add_(gt, alpha=-lr * rls * c)
 
     # ------------------------------------------------------------------------------------------- memory
     def expected_state_bytes(self, period: int = 0) -> int:

@@ -114,6 +114,13 @@ class ResidualRule:
                   state: State, group: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def column_scale(self, gt: torch.Tensor, g_low: torch.Tensor, u_low: torch.Tensor,
+                     state: State) -> torch.Tensor | float | None:
+        """For rules linear in the residual, c with direction = (Gt - P P^T Gt) * c (c per column or scalar): the
+        optimizer then never forms the residual, it applies ``P (. - g_low c)`` and ``Gt c`` (one matmul fewer).
+        None for non-linear rules (``direction`` is used)."""
+        return None
+
 
 class Drop(ResidualRule):
     """GaLore, BAdam, LISA: the residual is discarded (never even computed)."""
@@ -128,6 +135,9 @@ class SGDResidual(ResidualRule):
 
     def direction(self, resid, g_low, u_low, state, group):
         return resid
+
+    def column_scale(self, gt, g_low, u_low, state):
+        return 1.0
 
 
 class SignSGDResidual(ResidualRule):
@@ -154,16 +164,18 @@ class FiraResidual(ResidualRule):
     state_keys = ("residual_norm",)
     gamma = 1.01
 
-    def direction(self, resid, g_low, u_low, state, group):
-        phi = u_low.norm(dim=0) / (g_low.norm(dim=0) + 1e-8)  # one factor per column of the (r, D) low-rank grad
-        s = resid * phi
-        norm = s.norm()
+    def column_scale(self, gt, g_low, u_low, state):
+        """phi / limiter per column. ||S|| comes from column norms without forming S: P has orthonormal columns, so
+        ||G_j - P g_j||^2 = ||G_j||^2 - ||g_j||^2 (Pythagoras), and ||S||^2 = sum_j phi_j^2 (||G_j||^2 - ||g_j||^2)."""
+        low_sq = g_low.square().sum(0)
+        phi = u_low.square().sum(0).sqrt() / (low_sq.sqrt() + 1e-8)  # one factor per column of the (r, D) gradient
+        norm = (phi.square() * (gt.square().sum(0) - low_sq).clamp(min=0)).sum().sqrt()
         if "residual_norm" in state:
             limiter = torch.clamp(norm / (state["residual_norm"] + 1e-8), min=self.gamma) / self.gamma
-            s = s / limiter
+            phi = phi / limiter
             norm = norm / limiter
         state["residual_norm"] = norm.float().reshape(())
-        return s
+        return phi
 
 
 RESIDUAL_RULES: dict[str, type[ResidualRule]] = {r.name: r for r in (Drop, SGDResidual, SignSGDResidual, FiraResidual)}
