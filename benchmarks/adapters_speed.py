@@ -35,12 +35,15 @@ def step(model, batch):
 
 
 def saved_bytes(model, batch) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward of one step."""
+    """Bytes of the distinct storages autograd keeps for the backward of one step, parameters and buffers (which
+    exist anyway) excluded: the activation memory each adapter adds."""
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
     def pack(t):
         s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in owned:
+            seen[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

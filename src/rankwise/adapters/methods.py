@@ -75,8 +75,8 @@ class AdapterMethod(Method):
         return CORRECTIONS[self.correction](opt, loras)
 
 
-def _common(r, rank, alpha, target, dropout, seed, lr_scale) -> dict[str, Any]:
-    return dict(r=resolve_rank(r, rank), alpha=alpha, target=target, dropout=dropout, seed=seed, lr_scale=lr_scale)
+def _common(r, rank, alpha, target, dropout, seed, lr_scale, default_r: int = 8) -> dict[str, Any]:
+    return dict(r=resolve_rank(r, rank, default_r), alpha=alpha, target=target, dropout=dropout, seed=seed, lr_scale=lr_scale)
 
 
 @register("lora", "adapters", "LoRA: Delta W = (alpha/r) B A, B = 0 at init (Hu et al. 2021)")
@@ -126,9 +126,11 @@ def _nola(r: int | None = None, rank: int | None = None, alpha: float = 16.0, ta
 
 
 @register("vera", "adapters", "VeRA: shared frozen random A, B; trainable scaling vectors")
-def _vera(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
-          dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, d_init: float = 0.1) -> Method:
-    return AdapterMethod("vera", d_init=d_init, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+def _vera(r: int | None = None, rank: int | None = None, alpha: float = 256.0, target: str = DEFAULT_TARGET,
+          dropout: float = 0.0, seed: int = 0, lr_scale: float = 10.0, d_init: float = 0.1) -> Method:
+    """VeRA's trainable count barely depends on r, so its default rank is high (256) and, with few parameters,
+    so is its learning rate (``lr_scale=10``)."""
+    return AdapterMethod("vera", d_init=d_init, **_common(r, rank, alpha, target, dropout, seed, lr_scale, 256))
 
 
 @register("randlora", "adapters", "RandLoRA: full-rank update from scaled shared random low-rank bases")
