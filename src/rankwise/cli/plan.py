@@ -1,0 +1,59 @@
+"""``rankwise plan``: will a run fit? Bytes of weights, gradients, optimizer state and activations, before starting.
+
+    rankwise plan --model llama-7b --method galore --rank 128 --batch 1 --seq 2048 --dtype bf16 --budget 24GB
+    rankwise plan --model llama-7b --rank 128 --compare --png methods.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .train import parse_value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="memory plan of a run (no allocation: meta device)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-7b", help="model preset or transformers config path (default llama-7b)")
+    p.add_argument("--method", default="full", help="a registered method (`rankwise methods`; default full)")
+    p.add_argument("--rank", "--r", dest="rank", type=int, help="rank of the method")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--dtype", default="bf16", help="bf16 (pure bf16), fp32, or amp (fp32 weights, bf16 autocast = "
+                                                   "`rankwise train --dtype bf16`) (default bf16)")
+    p.add_argument("--budget", help="memory budget, e.g. 24GB (10^9 B) or 24GiB: says whether it fits and the "
+                                    "largest rank that does")
+    p.add_argument("--checkpointing", action="store_true", help="total with activation checkpointing")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="any other method option (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--compare", action="store_true", help="every method side by side (--rank where it applies)")
+    p.add_argument("--methods", help="with --compare: comma-separated subset of methods")
+    p.add_argument("--png", help="with --compare: write a stacked bar chart here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import RankwiseError
+    from ..plan import bar_chart, compare, compare_table, plan
+
+    options = {}
+    for item in args.opt or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RankwiseError(f"--opt takes KEY=VALUE, got {item!r}")
+        options[key.replace("-", "_")] = parse_value(value)
+    common = dict(batch=args.batch, seq=args.seq, dtype=args.dtype, budget=args.budget,
+                  checkpointing=args.checkpointing, options=options)
+    if not args.compare:
+        if args.png or args.methods:
+            raise RankwiseError("--png and --methods go with --compare")
+        result = plan(args.model, args.method, rank=args.rank, **common)
+        print(result.json() if args.json else result.table())
+        return 0
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    plans = compare(args.model, rank=args.rank, methods=names, **common)
+    if args.png:
+        bar_chart(plans, args.png)
+    print(json.dumps([p.to_dict() for p in plans], indent=1) if args.json else compare_table(plans))
+    return 0

@@ -1,0 +1,361 @@
+"""Memory planner: will a run fit, before it starts?
+
+    p = rankwise.plan("llama-7b", "galore", rank=128, batch=1, seq=2048, dtype="bf16", budget="24GiB")
+    print(p.table()); p.fits; p.largest_rank
+
+Weights, gradients and optimizer state are *counted*, not estimated: the model is built on the ``meta`` device
+(nothing allocated), the method prepares it and builds its optimizer exactly as the training loop does, every
+trainable parameter gets a meta gradient (through a meta ``backward``, so layer-wise optimizers' gradient hooks run)
+and the optimizer takes one real ``step()`` on meta tensors, so it creates
+its state with its true shapes and dtypes. ``breakdown`` then counts bytes; the same function applied to a real model
+after a real step (and ``held_gradient_bytes`` right after its backward) gives the measured numbers (``tests/plan`` checks they are equal for every registered method).
+
+A method whose optimizer cannot step on ``meta`` tensors (e.g. one that reads tensor values with ``.item()``) may
+define ``planned_state_bytes(model, optimizer) -> int`` on its ``Method``; the planner then uses it instead of the
+meta step. No built-in method needs it.
+
+Activations are an *estimate* (``activation_bytes``), documented in docs/plan.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import methods as methods_mod
+from .errors import RankwiseError
+from .methods import Method, OptimConfig
+from .metrics import optimizer_state_bytes
+from .models import PRESETS, llama_config
+
+DTYPES = {"fp32": (torch.float32, 4), "bf16": (torch.bfloat16, 2), "amp": (torch.float32, 2)}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+GIB = 2**30
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"24GB"`` (10^9), ``"24GiB"`` / ``"24G"`` (2^30), ``"512MiB"``, ``1e9`` -> bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise RankwiseError(f"cannot parse memory budget {text!r}; write e.g. 24GB (10^9 bytes), 24GiB or 24G "
+                                "(2^30 bytes), 512MiB, or a number of bytes")
+        value, unit = float(m.group(1)), m.group(2).upper()
+    if not value > 0:
+        raise RankwiseError(f"memory budget must be positive, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def _config(model: str, vocab_size: int | None):
+    """A transformers config for a preset name or a folder / file holding a ``config.json``."""
+    if model in PRESETS:
+        return llama_config(model, vocab_size)
+    if os.path.exists(model):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise RankwiseError(f"cannot read a transformers config from {model!r}: {e}") from None
+    raise RankwiseError(f"unknown model {model!r}; valid presets: {', '.join(PRESETS)}; any transformers config "
+                        "(a folder or a config.json file, e.g. a downloaded Hugging Face model) works too")
+
+
+def _meta_model(config, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(dtype)
+
+
+def breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, state_bytes: int | None = None) -> dict[str, int]:
+    """Bytes of trainable / frozen weights (frozen includes buffers), gradients as held at their peak, optimizer state.
+
+    Gradients: one per trainable parameter, in its dtype; with a layer-wise optimizer (``optimizer.layerwise``, which
+    frees each gradient right after its update) only the largest one is alive at a time.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    nbytes = [p.numel() * p.element_size() for p in trainable]
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    frozen += sum(b.numel() * b.element_size() for b in model.buffers())
+    layerwise = getattr(optimizer, "layerwise", False)
+    return {
+        "weights_trainable": sum(nbytes),
+        "weights_frozen": frozen,
+        "gradients": (max(nbytes, default=0) if layerwise else sum(nbytes)),
+        "optimizer_state": optimizer_state_bytes(optimizer) if state_bytes is None else state_bytes,
+    }
+
+
+def held_gradient_bytes(model: nn.Module) -> int:
+    """Bytes of the gradients a real model holds now (measure right after ``backward``, before the step)."""
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+
+
+def _dims(config) -> dict[str, int]:
+    def get(*names: str, default: int | None = None) -> int:
+        for n in names:
+            v = getattr(config, n, None)
+            if v is not None:
+                return int(v)
+        if default is None:
+            raise RankwiseError(f"the model config has none of {', '.join(names)}; the planner needs it to estimate "
+                                "activations")
+        return default
+
+    h = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head")
+    return {"hidden": h, "layers": get("num_hidden_layers", "n_layer"), "heads": heads,
+            "kv_hidden": h * get("num_key_value_heads", default=heads) // heads,
+            "ffn": get("intermediate_size", "n_inner", "ffn_dim", default=4 * h), "vocab": get("vocab_size")}
+
+
+def activation_bytes(config, batch: int, seq: int, element_size: int, checkpointing: bool = False) -> int:
+    """Estimated bytes saved for backward by a pre-norm decoder (LLaMA-style, fused attention) — see docs/plan.md.
+
+    Per token, per layer (element size e; h hidden, k key/value width, f FFN width, a heads):
+        (9 h + 2 k + 4 f) e + 4 a + 8
+    (two RMSNorms save input, normalized and output: 6h; q, k, v and the attention output: h + 2k + h; the output
+    projection's input: h; SwiGLU: gate, up, SiLU(gate), product: 4f; the fused attention's log-sum-exp: 4a bytes;
+    the norms' reciprocal RMS: 8 bytes). Head: the final norm (3h e), the logits (V e), their fp32 copy when e < 4
+    and the log-softmax (V * 4 each). Activation checkpointing keeps each layer's input (h e per layer) plus one
+    layer's activations while it is recomputed.
+    """
+    d = _dims(config)
+    h, k, f, a, v = d["hidden"], d["kv_hidden"], d["ffn"], d["heads"], d["vocab"]
+    tokens = batch * seq
+    layer = tokens * ((9 * h + 2 * k + 4 * f) * element_size + 4 * a + 8)
+    head = tokens * (3 * h * element_size + v * element_size + v * 4 * (2 if element_size < 4 else 1))
+    embed = tokens * 8  # the token ids the embedding keeps
+    if checkpointing:
+        return d["layers"] * tokens * h * element_size + layer + head + embed
+    return d["layers"] * layer + head + embed
+
+
+@dataclass
+class Plan:
+    """Planned bytes of one run; ``total`` uses ``activations`` (no checkpointing) or the checkpointed estimate."""
+
+    model: str
+    method: str
+    options: dict[str, Any]
+    batch: int
+    seq: int
+    dtype: str
+    checkpointing: bool
+    trainable_params: int
+    total_params: int
+    bytes: dict[str, int]
+    budget: int | None = None
+    largest_rank: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        b = self.bytes
+        act = b["activations_checkpointed"] if self.checkpointing else b["activations"]
+        return b["weights_trainable"] + b["weights_frozen"] + b["gradients"] + b["optimizer_state"] + act
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget is None else self.total <= self.budget
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total, "fits": self.fits}
+
+    def table(self) -> str:
+        rows = [("weights (trainable)", self.bytes["weights_trainable"]),
+                ("weights (frozen + buffers)", self.bytes["weights_frozen"]),
+                ("gradients", self.bytes["gradients"]),
+                ("optimizer state", self.bytes["optimizer_state"]),
+                ("activations" + (" (checkpointed)" if self.checkpointing else ""),
+                 self.bytes["activations_checkpointed" if self.checkpointing else "activations"]),
+                ("total", self.total)]
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        lines = [f"{self.method}{f' ({opts})' if opts else ''} on {self.model}: batch {self.batch} x seq {self.seq}, "
+                 f"{self.dtype}, {self.trainable_params:,} of {self.total_params:,} params trainable",
+                 f"{'':28}{'GiB':>10}{'bytes':>18}"]
+        lines += [f"{name:28}{n / GIB:10.3f}{n:18,}" for name, n in rows]
+        other = "activations_checkpointed" if not self.checkpointing else "activations"
+        lines.append(f"({'with' if not self.checkpointing else 'without'} activation checkpointing the "
+                     f"activations would be {self.bytes[other] / GIB:.3f} GiB)")
+        if self.budget is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"budget {self.budget / GIB:.2f} GiB: {verdict} "
+                         f"({(self.budget - self.total) / GIB:+.2f} GiB to spare)")
+            if self.largest_rank is not None:
+                lines.append(f"largest rank that fits: {self.largest_rank}")
+        lines += self.notes
+        return "\n".join(lines)
+
+    def json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+def _state_bytes(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The optimizer's state bytes after one step on meta tensors (or the method's own exact count)."""
+    hook = getattr(method, "planned_state_bytes", None)
+    if hook is not None:
+        return int(hook(model, optimizer))
+    try:  # a backward on meta tensors sets every gradient and fires post-accumulate-grad (layer-wise) hooks
+        torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum().backward()
+        optimizer.step()
+    except Exception as e:  # noqa: BLE001 — any failure here means the method needs the override hook
+        raise RankwiseError(f"method {method.name!r} cannot take an optimizer step on the meta device "
+                            f"({type(e).__name__}: {e}); it must define planned_state_bytes(model, optimizer) "
+                            "for the planner") from None
+    return optimizer_state_bytes(optimizer)
+
+
+def _plan_weights(config, method_name: str, options: dict[str, Any], dtype: str) -> tuple[dict[str, int], int, int,
+                                                                                          Method]:
+    method = methods_mod.get(method_name, **options)
+    model = _meta_model(config, DTYPES[dtype][0])
+    if method.calibration_batches:  # gradient-based inits see meta batches: only their shapes matter
+        ids = torch.zeros(1, 9, dtype=torch.long, device="meta")
+        method.calibrate(model, [ids] * method.calibration_batches)
+    model = method.prepare(model)
+    optimizer = method.build_optimizer(model, OptimConfig())
+    counts = breakdown(model, optimizer, _state_bytes(method, model, optimizer))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return counts, trainable, sum(p.numel() for p in model.parameters()), method
+
+
+def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None, batch: int = 1, seq: int = 2048,
+         dtype: str = "bf16", budget: str | int | None = None, checkpointing: bool = False,
+         options: dict[str, Any] | None = None, vocab_size: int | None = None) -> Plan:
+    """Plan the memory of training ``model`` (a preset or a transformers config path) with ``method``.
+
+    ``dtype``: ``bf16`` (weights, gradients, state and activations in bf16, as in GaLore's 7B setting), ``fp32``, or
+    ``amp`` (fp32 weights, bf16 autocast activations: ``rankwise train --dtype bf16``). ``budget``: bytes or a string
+    like ``24GB``; then ``fits`` answers and, for methods with a ``rank`` option, ``largest_rank`` is the largest rank
+    whose plan fits (bisection: memory grows with rank).
+    """
+    if dtype not in DTYPES:
+        raise RankwiseError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    for name, value in (("batch", batch), ("seq", seq)):
+        if not isinstance(value, int) or value <= 0:
+            raise RankwiseError(f"{name} must be a positive integer, got {value!r}")
+    budget_bytes = None if budget is None else parse_bytes(budget)
+    config = _config(model, vocab_size)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and seq > positions:
+        raise RankwiseError(f"seq {seq} is longer than the model's {positions} positions; use --seq {positions} "
+                            "or less")
+    options = dict(options or {})
+    if rank is not None:
+        options["rank"] = rank
+    counts, trainable, total, built = _plan_weights(config, method, options, dtype)
+    e = DTYPES[dtype][1]
+    counts["activations"] = activation_bytes(config, batch, seq, e)
+    counts["activations_checkpointed"] = activation_bytes(config, batch, seq, e, checkpointing=True)
+    result = Plan(model, method, built.describe(), batch, seq, dtype, checkpointing, trainable, total, counts,
+                  budget_bytes)
+    if budget_bytes is not None and "rank" in methods_mod.info(method).options():
+        result.largest_rank = _largest_rank(result, config, options)
+    return result
+
+
+def _largest_rank(base: Plan, config, options: dict[str, Any]) -> int | None:
+    """The largest rank in [1, hidden size] whose plan fits the budget (None: not even rank 1).
+
+    Weights, gradients and state are affine in the rank for every built-in method, so two plans give a candidate,
+    checked exactly (it fits, the next rank does not); if the check fails, bisection (memory grows with rank).
+    """
+    static = base.bytes["activations_checkpointed" if base.checkpointing else "activations"]
+    cache: dict[int, int | None] = {}
+
+    def need(r: int) -> int | None:
+        if r not in cache:
+            try:
+                counts, _, _, _ = _plan_weights(config, base.method, {**options, "rank": r}, base.dtype)
+                cache[r] = static + sum(counts.values())
+            except RankwiseError:  # rank invalid for some matrix (larger than min(m, n))
+                cache[r] = None
+        return cache[r]
+
+    def fits(r: int) -> bool:
+        n = need(r)
+        return n is not None and n <= base.budget
+
+    top = _dims(config)["hidden"]
+    if not fits(1):
+        return None
+    n1, n2 = need(1), need(2)
+    if n2 is not None and n2 > n1:
+        guess = max(1, min(top, 1 + (base.budget - n1) // (n2 - n1)))
+        if fits(guess) and (guess == top or not fits(guess + 1)):
+            return guess
+    lo, hi = 1, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def compare(model: str = "llama-7b", rank: int | None = None, methods: list[str] | None = None,
+            **kwargs: Any) -> list[Plan]:
+    """``plan`` for every registered method (or ``methods``); ``rank`` goes to the methods that take one."""
+    names = methods or [m.name for m in methods_mod.available()]
+    plans = []
+    for name in names:
+        takes_rank = "rank" in methods_mod.info(name).options()
+        plans.append(plan(model, name, rank=rank if takes_rank else None, **kwargs))
+    return plans
+
+
+def compare_table(plans: list[Plan]) -> str:
+    keys = ("weights_trainable", "weights_frozen", "gradients", "optimizer_state")
+    head = f"{'method':14}{'weights':>10}{'frozen':>10}{'grads':>10}{'optim':>10}{'activ':>10}{'total':>10}  GiB"
+    lines = [f"{plans[0].model}: batch {plans[0].batch} x seq {plans[0].seq}, {plans[0].dtype}", head]
+    for p in plans:
+        act = p.bytes["activations_checkpointed" if p.checkpointing else "activations"]
+        cells = "".join(f"{p.bytes[k] / GIB:10.3f}" for k in keys)
+        fit = "" if p.fits is None else ("  fits" if p.fits else "  too big")
+        lines.append(f"{p.method:14}{cells}{act / GIB:10.3f}{p.total / GIB:10.3f}{fit}")
+    return "\n".join(lines)
+
+
+def bar_chart(plans: list[Plan], path: str | os.PathLike) -> None:
+    """Stacked horizontal bars (weights, gradients, optimizer state, activations) per method, written atomically."""
+    from .plots import plt
+
+    parts = [("weights", ("weights_trainable", "weights_frozen")), ("gradients", ("gradients",)),
+             ("optimizer state", ("optimizer_state",))]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(plans) + 1.5))
+    names = [p.method for p in plans]
+    left = [0.0] * len(plans)
+    for label, keys in [*parts, ("activations", ())]:
+        widths = [(sum(p.bytes[k] for k in keys) if keys else
+                   p.bytes["activations_checkpointed" if p.checkpointing else "activations"]) / GIB for p in plans]
+        ax.barh(names, widths, left=left, label=label)
+        left = [a + b for a, b in zip(left, widths)]
+    if plans[0].budget is not None:
+        ax.axvline(plans[0].budget / GIB, color="k", ls="--", lw=1, label="budget")
+    ax.invert_yaxis()
+    ax.set_xlabel("GiB")
+    ax.set_title(f"{plans[0].model}, batch {plans[0].batch} x seq {plans[0].seq}, {plans[0].dtype}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+__all__ = ["Plan", "activation_bytes", "bar_chart", "breakdown", "compare", "compare_table", "measured_breakdown",
+           "parse_bytes", "plan"]

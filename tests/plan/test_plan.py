@@ -1,0 +1,166 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from rankwise import methods
+from rankwise.cli.main import main
+from rankwise.errors import RankwiseError
+from rankwise.methods import OptimConfig
+from rankwise.models import build_model
+from rankwise.plan import activation_bytes, breakdown, held_gradient_bytes, parse_bytes, plan
+from rankwise.train import lm_loss
+
+METHODS = [m.name for m in methods.available()]
+RANK = 8
+COUNTED = ("weights_trainable", "weights_frozen", "gradients", "optimizer_state")
+
+
+def _options(name: str) -> dict:
+    return {"rank": RANK} if "rank" in methods.info(name).options() else {}
+
+
+@pytest.fixture(scope="module")
+def base_models():
+    return {preset: build_model(preset, seed=0) for preset in ("tiny", "small")}
+
+
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("small", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", METHODS)
+def test_planned_weights_grads_and_state_equal_measured_after_a_real_step(base_models, preset, name):
+    method = methods.get(name, **_options(name))
+    model = copy.deepcopy(base_models[preset])
+    torch.manual_seed(0)
+    batch = torch.randint(0, 8192, (2, 33))
+    if method.calibration_batches:
+        method.calibrate(model, [batch] * method.calibration_batches)
+    model = method.prepare(model)
+    optimizer = method.build_optimizer(model, OptimConfig())
+    loss = lm_loss(model, batch)
+    aux = method.aux_loss(model)
+    (loss if aux is None else loss + aux).backward()
+    gradients = held_gradient_bytes(model)  # at their peak: some optimizers (AltLoRA) free some in step()
+    optimizer.step()
+    measured = {**breakdown(model, optimizer), "gradients": gradients}
+    planned = plan(preset, name, batch=2, seq=32, dtype="fp32", options=_options(name))
+    assert {k: planned.bytes[k] for k in COUNTED} == measured
+    assert planned.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert planned.total_params == sum(p.numel() for p in model.parameters())
+
+
+def test_closed_forms_full_adamw_and_galore():
+    full = plan("llama-60m", "full", dtype="bf16", seq=256)
+    n = full.trainable_params
+    tensors = 8 * 9 + 3  # per layer: 7 linears + 2 norms; embeddings, final norm, head
+    assert full.bytes["weights_trainable"] == full.bytes["gradients"] == 2 * n
+    assert full.bytes["optimizer_state"] == 2 * 2 * n + 4 * tensors  # bf16 moments + fp32 step per tensor
+    galore = plan("llama-60m", "galore", rank=128, dtype="bf16", seq=256)
+    h, f, r = 512, 1376, 128
+    # per layer: 4 attention (512x512) and 3 MLP (512x1376 / 1376x512) projected matrices, d = 512 every time
+    projected = 4 * (h * r + 2 * r * h) + 3 * (h * r + 2 * r * f)
+    plain = n - 8 * (4 * h * h + 3 * h * f)
+    assert galore.bytes["optimizer_state"] == 2 * (8 * projected + 2 * plain) + 4 * tensors
+    # GaLore paper, Table 2 (weights + optimizer state, bf16), full rank 60M: 0.36G
+    weights = full.bytes["weights_trainable"]
+    assert (weights + full.bytes["optimizer_state"]) / 1e9 == pytest.approx(0.36, abs=0.015)
+
+
+def test_layerwise_holds_one_gradient_and_adapters_freeze_the_base():
+    lw = plan("tiny", "galore", rank=8, options={"layerwise": True}, dtype="fp32", seq=64)
+    plain = plan("tiny", "galore", rank=8, dtype="fp32", seq=64)
+    assert lw.bytes["optimizer_state"] == plain.bytes["optimizer_state"] > 0
+    assert lw.bytes["gradients"] == 8192 * 256 * 4 < plain.bytes["gradients"]  # the largest matrix: embeddings
+    lora = plan("tiny", "lora", rank=8, dtype="fp32", seq=64)
+    assert lora.bytes["weights_frozen"] >= plain.bytes["weights_trainable"]
+    assert lora.bytes["gradients"] == lora.bytes["weights_trainable"] == 4 * 4 * 2 * 8 * (256 + 256)
+
+
+def test_activation_estimate_and_checkpointing():
+    from rankwise.models import llama_config
+
+    cfg = llama_config("tiny")
+    a1 = activation_bytes(cfg, 1, 64, 4)
+    assert activation_bytes(cfg, 2, 64, 4) == 2 * a1  # linear in tokens
+    per_layer = 64 * ((9 * 256 + 2 * 256 + 4 * 688) * 4 + 4 * 4 + 8)
+    head = 64 * (3 * 256 * 4 + 8192 * 4 + 8192 * 4) + 64 * 8
+    assert a1 == 4 * per_layer + head
+    assert activation_bytes(cfg, 1, 64, 4, checkpointing=True) == 4 * 64 * 256 * 4 + per_layer + head
+    p = plan("tiny", "full", seq=64, batch=1, dtype="fp32", checkpointing=True)
+    assert p.total == sum(p.bytes[k] for k in COUNTED) + p.bytes["activations_checkpointed"]
+
+
+def test_budget_fits_and_largest_rank_is_exact():
+    p = plan("llama-60m", "galore", rank=128, seq=256, budget="1GB")
+    assert p.fits and p.budget == 10**9
+    tight = plan("llama-60m", "galore", rank=128, seq=256, budget=p.total - 1)
+    assert tight.fits is False
+    best = tight.largest_rank
+    assert best is not None and best < 128
+    assert plan("llama-60m", "galore", rank=best, seq=256).total <= tight.budget
+    assert plan("llama-60m", "galore", rank=best + 1, seq=256).total > tight.budget
+    assert plan("llama-60m", "full", seq=256, budget="1GB").largest_rank is None  # no rank option
+
+
+@pytest.mark.parametrize("text, expected", [("24GB", 24 * 10**9), ("24GiB", 24 * 2**30), ("24g", 24 * 2**30),
+                                            ("512 MiB", 512 * 2**20), ("1.5e9", 1.5e9), (1000, 1000)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_meta_step_failure_asks_for_the_override_hook_and_the_hook_is_used():
+    class ItemAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    self.state[p]["norm"] = torch.tensor(p.grad.norm().item())
+            return None
+
+    class Reads(methods.Method):
+        name = "reads"
+
+        def build_optimizer(self, model, cfg):
+            return ItemAdam(model.parameters())
+
+    class Hooked(Reads):
+        def planned_state_bytes(self, model, optimizer):
+            return 4 * sum(1 for p in model.parameters() if p.requires_grad)
+
+    from rankwise.plan import _config, _meta_model, _state_bytes
+
+    model = _meta_model(_config("tiny", None), torch.float32)
+    with pytest.raises(RankwiseError, match="planned_state_bytes"):
+        _state_bytes(Reads(), model, Reads().build_optimizer(model, None))
+    hooked = Hooked()
+    opt = hooked.build_optimizer(model, None)
+    assert breakdown(model, opt, _state_bytes(hooked, model, opt))["optimizer_state"] == 4 * 39
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--model", "gpt-9"], "valid presets: tiny, small"),
+    (["plan", "--model", "gpt-9"], "any transformers config"),
+    (["plan", "--budget", "lots"], "cannot parse memory budget 'lots'"),
+    (["plan", "--budget=0GB"], "memory budget must be positive"),
+    (["plan", "--method", "full", "--rank", "4"], "does not take option(s) rank"),
+    (["plan", "--model", "tiny", "--seq", "4096"], "longer than the model's 1024 positions"),
+])
+def test_bad_input_is_one_clear_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+
+
+def test_cli_table_json_and_compare_chart(tmp_path, capsys):
+    assert main(["plan", "--model", "llama-60m", "--method", "galore", "--rank", "64", "--seq", "256",
+                 "--budget", "2GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer state" in out and "fits" in out and "largest rank that fits: 512" in out
+    assert main(["plan", "--model", "tiny", "--method", "lora", "--rank", "4", "--seq", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total"] == sum(data["bytes"][k] for k in (*COUNTED, "activations"))
+    png = tmp_path / "compare.png"
+    assert main(["plan", "--model", "tiny", "--rank", "8", "--seq", "64", "--compare", "--png", str(png),
+                 "--methods", "full,galore,lora,lowrank"]) == 0
+    out = capsys.readouterr().out
+    assert all(m in out for m in ("full", "galore", "lora", "lowrank"))
+    assert png.stat().st_size > 10_000
