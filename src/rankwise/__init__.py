@@ -7,5 +7,6 @@ as short configurations of them, plus a training loop, benchmark and planner tha
 __version__ = "0.1.0"
 
 from .errors import RankwiseError  # noqa: E402
+from .plan import plan  # noqa: E402
 
-__all__ = ["RankwiseError", "__version__"]
+__all__ = ["RankwiseError", "__version__", "plan"]

@@ -18,6 +18,7 @@ COMMANDS = [
     "methods",
     "bench",
     "merge",
+    "plan",
     "analyze",
     "compress",
 ]
