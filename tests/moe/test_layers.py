@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from rankwise.adapters.base import AdapterLinear
 from rankwise.adapters.lora import LoRA
 from rankwise.adapters.moe.layers import FlyLoRA, MixLoRA, SMoRA, balance_step
 from rankwise.errors import RankwiseError
@@ -23,11 +22,6 @@ def _randomize(layer, seed=1):
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
     return layer
-
-
-def _run(param, x):
-    layer = AdapterLinear(param.base if hasattr(param, "base") else _base())
-    return param(x, layer.base_layer(x))
 
 
 def test_mixlora_equals_loop_over_lora_experts():

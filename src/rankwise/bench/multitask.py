@@ -220,7 +220,7 @@ def config_from_args(args: Any) -> MultitaskConfig:
 
 def smoke_config(**overrides: Any) -> MultitaskConfig:
     """A seconds-long configuration (tests, CI)."""
-    base = dict(tasks=("prose", "add"), matched_lora=False, examples=200, tokens_per_task=3000, pretrain_steps=1, steps=2,
-                batch_size=4, seq_len=32, eval_batches=1, accuracy_examples=8, total_rank=16, active_rank=4,
+    base = dict(tasks=("prose", "add"), matched_lora=False, examples=200, tokens_per_task=3000, pretrain_steps=1,
+                steps=2, batch_size=4, seq_len=32, eval_batches=1, accuracy_examples=8, total_rank=16, active_rank=4,
                 expert_rank=2)
     return replace(MultitaskConfig(), **{**base, **overrides})

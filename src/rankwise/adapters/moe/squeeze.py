@@ -40,7 +40,7 @@ def factored_svd(b: torch.Tensor, a: torch.Tensor, rank: int, oversample: int = 
 
 def squeezed_factors(layer: LoRA, rank: int, **svd_options) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B', A')`` of rank ``rank`` with ``s' B' A'`` the best rank-``rank`` approximation of ``s B A`` (``s'`` is
-    the scaling of rank ``rank``); the singular values are split evenly, ``B' = U sqrt(S s/s')``, ``A' = sqrt(.) Vh``."""
+    the scaling of rank ``rank``); singular values split evenly: ``B' = U sqrt(S s/s')``, ``A' = sqrt(.) Vh``."""
     if layer.init_A is not None:
         raise RankwiseError("squeeze a residual-init LoRA (PiSSA / LoRA-GA) after merge_and_unload, not in place")
     u, s, vh = factored_svd(layer.lora_B.detach(), layer.lora_A.detach(), rank, **svd_options)
