@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--out", default="runs/analysis_welore")
     args = ap.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # two OpenMP threads on the shared 2-core box were far slower than one
 
     corpus = prepare()
     t0 = time.perf_counter()

@@ -74,9 +74,9 @@ def feature_rank(d: int, degree: int) -> int:
     return math.comb(d + degree, degree)
 
 
-def taylor_degree(bound: float, eps: float = 1e-3, max_degree: int = 200) -> int:
+def taylor_degree(bound: float, eps: float = 1e-3, max_degree: int = 10_000) -> int:
     """Smallest g whose Taylor remainder keeps every entry of exp on [-bound, bound] within relative ``eps``:
-    ``e^{2 bound} bound^{g+1} / (g+1)! <= eps``."""
+    ``e^{2 bound} bound^{g+1} / (g+1)! <= eps`` (``max_degree`` if none up to it does)."""
     if bound < 0 or not 0 < eps < 1:
         raise RankwiseError(f"need bound >= 0 and eps in (0, 1), got bound={bound}, eps={eps}")
     for g in range(max_degree + 1):
