@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from rankwise.bench import BenchConfig, parse_size, plan, run_bench
-from rankwise.bench.runner import resolve, select_by_budget
+from rankwise import methods
+from rankwise.bench import BenchConfig, planned_bytes, run_bench
+from rankwise.bench.runner import resolve, select_by_budget, train_config
 from rankwise.cli.main import main
 from rankwise.errors import RankwiseError
 from rankwise.models import build_model, count_params
@@ -47,35 +48,24 @@ def test_bench_smoke_two_methods_twenty_steps_writes_every_file(corpus, tmp_path
     assert "| full |" in md and "lowrank-rr:rank=16,refactor_every=10" in md and "- torch:" in md and '"steps": 20' in md
 
 
-def test_parse_size_reads_binary_units():
-    assert parse_size("24GB") == parse_size("24GiB") == parse_size("24g") == 24 * 2**30
-    assert parse_size("512 MB") == 512 * 2**20 and parse_size("1.5G") == 3 * 2**29
-    with pytest.raises(RankwiseError, match="e.g. 24GB"):
-        parse_size("lots")
-
-
-def test_plan_counts_weights_grads_and_optimizer_state_from_shapes():
-    n = count_params(build_model("tiny", device="meta"))[0]
-    tensors = len(list(build_model("tiny", device="meta").parameters()))
-    buffers = sum(b.numel() * b.element_size() for b in build_model("tiny", device="meta").buffers())
-    full = plan("tiny", "full", {})
-    assert (full.weights, full.grads, full.optimizer_state) == (4 * n + buffers, 4 * n, 8 * n + 4 * tensors)
-    relora = plan("tiny", "relora", {"rank": 16})
-    assert relora.weights > full.weights and relora.grads < full.grads  # frozen W kept, not trained
-    big_full, big_galore = plan("llama-1b", "full", {}), plan("llama-1b", "galore", {"rank": 512})
-    assert big_galore.optimizer_state < big_full.optimizer_state / 2
-    assert big_galore.weights == big_full.weights
-
-
-def test_budget_keeps_only_methods_that_fit():
-    preset, entries = resolve(BenchConfig(methods=["full", "lowrank:rank=8"]))
-    full, low = plan("tiny", "full", {}).total, plan("tiny", "lowrank", {"rank": 8}).total
+def test_budget_keeps_only_methods_that_fit_the_planner():
+    cfg = BenchConfig(methods=["full", "lowrank:rank=8"])
+    preset, entries = resolve(cfg)
+    configs = {e.label: train_config(preset, e, cfg) for e in entries}
+    full = planned_bytes("tiny", "full", {}, 8, 128, "bf16")
+    low = planned_bytes("tiny", "lowrank", {"rank": 8}, 8, 128, "bf16")
+    # the planner's weights + gradients + AdamW state: the difference is exactly 4 + 4 + 8 bytes per parameter saved
+    n_full = count_params(build_model("tiny", device="meta"))[0]
+    n_low = count_params(methods.get("lowrank", rank=8).prepare(build_model("tiny", device="meta")))[0]
+    assert full - low == 16 * (n_full - n_low) + 4 * (-4 * 7)  # 28 more step counters for the split factors
     skipped = []
-    fits, planned = select_by_budget(preset, entries, f"{(full + low) // 2 // 2**10}KB", skipped.append)
+    fits, planned = select_by_budget(configs, entries, f"{(full + low) // 2}", skipped.append)
     assert [e.label for e in fits] == ["lowrank:rank=8"] and planned == {"full": full, "lowrank:rank=8": low}
     assert len(skipped) == 1 and skipped[0].startswith("skip full")
-    with pytest.raises(RankwiseError, match="no method fits in 1MB"):
-        select_by_budget(preset, entries, "1MB", skipped.append)
+    with pytest.raises(RankwiseError, match="no method fits in 1MiB"):
+        select_by_budget(configs, entries, "1MiB", skipped.append)
+    big_full = planned_bytes("llama-1b", "full", {}, 16, 256, "bf16", 32000)
+    assert planned_bytes("llama-1b", "galore", {"rank": 512}, 16, 256, "bf16", 32000) < big_full
 
 
 def test_resolve_applies_rank_and_steps_and_validates():
@@ -101,7 +91,7 @@ def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("rankwise bench: error: unknown method 'nope'") and "\n" not in err
     assert main(["bench", "--budget", "big", "--out", str(tmp_path)]) == 2
-    assert "cannot read memory size 'big'" in capsys.readouterr().err
+    assert "cannot parse memory budget 'big'" in capsys.readouterr().err
     assert not (tmp_path / "results.csv").exists()
 
 

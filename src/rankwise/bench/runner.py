@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .. import methods
 from ..errors import RankwiseError
 from ..train import TrainConfig
-from .budget import parse_size, plan
+from .budget import planned_bytes
 from .presets import BenchPreset, MethodSpec, get, parse_method
 from .worker import run_job
 
@@ -87,11 +87,18 @@ def train_config(preset: BenchPreset, entry: Entry, cfg: BenchConfig) -> TrainCo
     return base
 
 
-def select_by_budget(preset: BenchPreset, entries: list[Entry], budget: str,
+def select_by_budget(configs: dict[str, TrainConfig], entries: list[Entry], budget: str,
                      log: Callable[[str], None]) -> tuple[list[Entry], dict[str, int]]:
-    """Entries whose planned weights + gradients + optimizer state fit in ``budget``; their planned bytes."""
-    limit = parse_size(budget)
-    planned = {e.label: plan(preset.model, e.spec.method, e.spec.options, preset.vocab_size).total for e in entries}
+    """Entries whose planned memory (``rankwise.plan``: weights, gradients, optimizer state and activations of one
+    micro-batch) fits in ``budget``; their planned bytes."""
+    from ..plan import parse_bytes
+
+    limit = parse_bytes(budget)
+    planned = {}
+    for e in entries:
+        c = configs[e.label]
+        planned[e.label] = planned_bytes(c.preset, c.method, c.method_options, c.batch_size, c.seq_len, c.dtype,
+                                         c.vocab_size)
     fits = [e for e in entries if planned[e.label] <= limit]
     for e in entries:
         if e not in fits:
@@ -99,7 +106,7 @@ def select_by_budget(preset: BenchPreset, entries: list[Entry], budget: str,
     if not fits:
         smallest = min(planned.values())
         raise RankwiseError(f"no method fits in {budget}: the smallest plan needs {smallest / 2**30:.2f} GiB "
-                            "(weights + gradients + optimizer state); raise --budget or use a smaller --preset")
+                            "(`rankwise plan` details it); raise --budget or use a smaller --preset")
     return fits, planned
 
 
@@ -124,10 +131,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     from .report import write_results
 
     preset, entries = resolve(cfg)
+    configs = {e.label: train_config(preset, e, cfg) for e in entries}
     planned: dict[str, int] = {}
     if cfg.budget:
-        entries, planned = select_by_budget(preset, entries, cfg.budget, log)
-    configs = {e.label: train_config(preset, e, cfg) for e in entries}
+        entries, planned = select_by_budget(configs, entries, cfg.budget, log)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for data, vocab in {(c.data, c.vocab_size) for c in configs.values()}:

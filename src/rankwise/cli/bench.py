@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                      "relora, sltrain)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's; warmup keeps its fraction)")
     p.add_argument("--rank", "--r", dest="rank", type=int, help="rank of every method that has one")
-    p.add_argument("--budget", help="run only methods whose planned weights+gradients+optimizer state fit, e.g. 24GB")
+    p.add_argument("--budget", help="run only methods whose planned memory (rankwise plan: weights, gradients, "
+                                    "optimizer state, activations of one micro-batch) fits, e.g. 24GiB or 24GB")
     p.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
     p.add_argument("--seed", type=int, default=0, help="seed of init and data order (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
