@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed
 from . import methods as methods_mod
 from .data import Batches, TokenizedCorpus, prepare
 from .errors import RankwiseError
@@ -62,6 +63,7 @@ class TrainConfig:
     out: str | None = None
     resume: str | None = None
     device: str = "auto"
+    parallel: str = "ddp"  # with several processes (torchrun): ddp or fsdp (FSDP2 fully_shard)
     quiet: bool = False
 
     def validate(self) -> None:
@@ -76,6 +78,8 @@ class TrainConfig:
             raise RankwiseError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise RankwiseError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.parallel not in distributed.MODES:
+            raise RankwiseError(f"unknown parallel mode {self.parallel!r}; valid: {', '.join(distributed.MODES)}")
         if self.dtype not in ("fp32", "bf16"):
             raise RankwiseError(f"unknown dtype {self.dtype!r}; valid: fp32, bf16")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
@@ -214,12 +218,15 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     method = method or methods_mod.get(cfg.method, **cfg.method_options)
     state = ckpt.load(cfg.resume) if cfg.resume else None
     device = resolve_device(cfg.device)
+    dist = distributed.setup(cfg.parallel, cfg.batch_size, device)  # None in a single process
+    device = dist.device if dist else device
     corpus = corpus or prepare(cfg.data, cfg.vocab_size)
     train_data = Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     eval_data = Batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
 
     model = _build_model(cfg, model, method, corpus, train_data, device)
     model.train()
+    engine = distributed.wrap(model, dist)  # what forward/backward run through (DDP, or model sharded in place)
     optimizer = method.build_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) * method.lr_factor(s))
@@ -227,9 +234,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
 
     start, initial_eval, train_time, tokens_done = 0, None, 0.0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load(dist, model, optimizer, state, cfg.resume)
         scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # torch.distributed.checkpoint restores tensors, not the groups' floats
         method.load_state_dict(state["method"])
         ckpt.set_rng_state(state["rng"])
         start, initial_eval = state["step"], state["initial_eval_loss"]
@@ -237,18 +245,20 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         if start >= cfg.steps:
             raise RankwiseError(f"the checkpoint in {cfg.resume!r} is already at step {start} of {cfg.steps}; "
                                 "raise --steps to train further")
-    out = _Output(cfg.out, start)
+    out = _Output(cfg.out if dist is None or dist.main else None, start)
     out.write_json("config.json", _describe(cfg, method))
     if initial_eval is None:
         initial_eval = evaluate(model, eval_data, device, cfg.dtype)
         out.record({"step": 0, "eval_loss": initial_eval, "eval_ppl": math.exp(initial_eval)})
 
     def save(step: int) -> None:
-        if out.dir:
-            ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "method": method.state_dict(),
-                              "rng": ckpt.rng_state(), "step": step, "initial_eval_loss": initial_eval,
-                              "train_time": train_time, "tokens": tokens_done, "config": asdict(cfg)},
+        payload = {"scheduler": scheduler.state_dict(), "method": method.state_dict(), "rng": ckpt.rng_state(),
+                   "step": step, "initial_eval_loss": initial_eval, "train_time": train_time,
+                   "tokens": tokens_done, "config": asdict(cfg)}
+        if dist is not None and cfg.out:
+            distributed.save(dist, model, optimizer, payload, Path(cfg.out), step)
+        elif out.dir:
+            ckpt.save_atomic({**payload, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
                              out.dir / ckpt.CHECKPOINT_FILE)
 
     history: list[dict[str, Any]] = []
@@ -264,19 +274,22 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                 t0 = time.perf_counter()
                 loss_sum = 0.0
                 for micro in range(cfg.grad_accum):
-                    batch = train_data.train_batch((step - 1) * cfg.grad_accum + micro).to(device)
+                    batch = train_data.train_batch((step - 1) * cfg.grad_accum + micro)
+                    batch = distributed.shard_batch(batch, dist).to(device)
                     with autocast(device, cfg.dtype):
-                        loss = lm_loss(model, batch)
+                        loss = lm_loss(engine, batch)
                         aux = method.aux_loss(model)
                     total_loss = loss if aux is None else loss + aux
                     (total_loss / cfg.grad_accum).backward()
                     loss_sum += loss.item()
+                loss_sum = distributed.mean(loss_sum, dist)
                 grad_norm = None
                 if cfg.grad_clip > 0 and any(p.grad is not None for p in params):
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+                    grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip), dist)
                 lr = optimizer.param_groups[0]["lr"]
                 updating = True  # from here on the step is half applied until it completes
                 optimizer.step()
+                distributed.reshard_state(optimizer, dist)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 method.after_step(step, model, optimizer)
@@ -317,10 +330,13 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         "final_train_loss": history[-1]["loss"] if history else None,
         "tokens": tokens_done, "tokens_per_s": tokens_done / train_time if train_time else None,
         "peak_mem_bytes": peak.peak, "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_delta",
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer) if dist is None else
+        distributed.local_state_bytes(optimizer),
         "trainable_params": trainable, "total_params": total,
         "config": _describe(cfg, method),
     }
+    if dist is not None:
+        metrics.update(world_size=dist.world, parallel=dist.mode)
     out.write_json("metrics.json", metrics)
     out.close()
     if out.dir:
@@ -356,7 +372,7 @@ def evaluate_checkpoint(run_dir: str, data: str | None = None, eval_batches: int
     corpus = prepare(cfg.data, cfg.vocab_size)
     train_data = Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     model = _build_model(cfg, None, method, corpus, train_data, dev)
-    model.load_state_dict(state["model"])
+    distributed.load_full_model(model, state, run_dir)
     batches = Batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
     loss = evaluate(model, batches, dev, cfg.dtype)
     return {"method": cfg.method, "data": cfg.data, "step": state["step"], "eval_loss": loss,

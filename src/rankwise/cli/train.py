@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import fields
 
 from ..errors import RankwiseError
@@ -83,6 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--stop-at", type=int, help="stop after this step, resumable (for time-sliced jobs)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR bit-exactly (its config is reused)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (DDP/FSDP; default 1)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="with several processes: ddp or fsdp (default ddp)")
     p.set_defaults(func=run)
 
 
@@ -99,10 +102,27 @@ def run(args: argparse.Namespace) -> int:
         base.out = args.out or args.resume
     cfg = config_from_args(args, base)
     cfg.resume = args.resume
-    result = train(cfg)
-    m = result.metrics
+    if args.nproc < 1:
+        raise RankwiseError(f"--nproc must be a positive integer, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from ..distributed import check_batch, launch
+
+        cfg.validate()
+        check_batch(cfg.batch_size, args.nproc)
+        m = launch(args.nproc, train_metrics, cfg)
+    else:
+        m = train(cfg).metrics
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"{m['method']}: eval loss {m['initial_eval_loss']:.4f} -> {m['final_eval_loss']:.4f} "
           f"(ppl {m['eval_ppl']:.2f}) | {m['tokens_per_s']:,.0f} tokens/s | optimizer state "
           f"{m['optimizer_state_bytes'] / 2**20:.2f} MiB | peak mem {m['peak_mem_bytes'] / 2**20:.1f} MiB"
           + (f" | wrote {cfg.out}" if cfg.out else ""))
     return 0
+
+
+def train_metrics(cfg: TrainConfig) -> dict:
+    """``train(cfg).metrics``: a top-level function, so launched worker processes can run it."""
+    from ..train import train
+
+    return train(cfg).metrics
