@@ -92,3 +92,13 @@ def test_world_size_that_does_not_divide_the_batch_is_a_clear_error(corpus, tmp_
     path = tmp_path / "error.txt"
     mp.spawn(wrong_batch_worker, args=(WORLD, free_port(), str(path)), nprocs=WORLD)
     assert "not divisible by the world size 2" in path.read_text()
+
+
+def test_cli_nproc_checks_the_batch_before_launching(tmp_path, capsys):
+    from rankwise.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["train", "--nproc", "3", "--batch-size", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "batch size 8 is not divisible by the world size 3" in err and err.count("\n") == 0
+    assert not out.exists()
