@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from rankwise.train import TrainConfig
+from rankwise_testing import quick_config
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,13 +30,6 @@ def corpus(rankwise_cache):
     from rankwise.data import prepare
 
     return prepare()
-
-
-def quick_config(**overrides) -> TrainConfig:
-    """A run small enough for CI: fp32 (exact), short sequences, few eval batches, no output."""
-    base = dict(steps=20, batch_size=8, seq_len=64, lr=2e-3, warmup_steps=5, dtype="fp32", eval_every=0,
-                eval_batches=4, quiet=True)
-    return TrainConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="session")

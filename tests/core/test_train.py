@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import quick_config
+from rankwise_testing import quick_config
 
 from rankwise import checkpoint
 from rankwise.errors import RankwiseError

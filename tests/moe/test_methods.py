@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import quick_config
+from rankwise_testing import quick_config
 from rankwise import adapters, methods
 from rankwise.adapters.moe.layers import routed_layers
 from rankwise.errors import RankwiseError

@@ -87,7 +87,7 @@ def test_anneal_rank_keeps_dropped_ranks_at_zero_under_training():
 
 
 def test_lora_squeeze_method_anneals_rank_during_training(corpus):
-    from conftest import quick_config
+    from rankwise_testing import quick_config
     from rankwise import methods
     from rankwise.adapters.inject import active_parameterizations
     from rankwise.train import train

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import quick_config
+from rankwise_testing import quick_config
 
 from rankwise import methods
 from rankwise.cli.main import main

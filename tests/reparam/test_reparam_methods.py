@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import quick_config
+from rankwise_testing import quick_config
 
 from rankwise import methods
 from rankwise.errors import RankwiseError
