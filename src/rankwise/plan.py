@@ -331,7 +331,7 @@ def compare_table(plans: list[Plan]) -> str:
 
 def bar_chart(plans: list[Plan], path: str | os.PathLike) -> None:
     """Stacked horizontal bars (weights, gradients, optimizer state, activations) per method, written atomically."""
-    from .plots import plt
+    from .plots import plt, save_figure
 
     parts = [("weights", ("weights_trainable", "weights_frozen")), ("gradients", ("gradients",)),
              ("optimizer state", ("optimizer_state",))]
@@ -349,13 +349,8 @@ def bar_chart(plans: list[Plan], path: str | os.PathLike) -> None:
     ax.set_xlabel("GiB")
     ax.set_title(f"{plans[0].model}, batch {plans[0].batch} x seq {plans[0].seq}, {plans[0].dtype}")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
-__all__ = ["Plan", "activation_bytes", "bar_chart", "breakdown", "compare", "compare_table", "measured_breakdown",
-           "parse_bytes", "plan"]
+__all__ = ["Plan", "activation_bytes", "bar_chart", "breakdown", "compare", "compare_table", "parse_bytes",
+           "plan"]

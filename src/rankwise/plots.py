@@ -10,9 +10,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .atomic import write_atomic  # noqa: E402
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Lay out, write atomically (PNG unless the suffix says otherwise) and close ``fig``."""
+    fig.tight_layout()
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    plt.close(fig)
 
 
 def loss_curve(metrics_jsonl: str | Path, png: str | Path, title: str = "") -> None:
@@ -30,6 +40,4 @@ def loss_curve(metrics_jsonl: str | Path, png: str | Path, title: str = "") -> N
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)

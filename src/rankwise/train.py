@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .atomic import write_json_atomic
 from . import distributed
 from . import methods as methods_mod
 from .data import Batches, TokenizedCorpus, prepare
@@ -188,9 +189,7 @@ class _Output:
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.dir:
-            tmp = self.dir / f".{name}.tmp"
-            tmp.write_text(json.dumps(obj, indent=2, default=str))
-            os.replace(tmp, self.dir / name)
+            write_json_atomic(self.dir / name, obj, indent=2)
 
     def close(self) -> None:
         if self._jsonl:

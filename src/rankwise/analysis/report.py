@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import matplotlib
 
@@ -14,30 +11,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..atomic import write_json_atomic  # noqa: E402
+from ..plots import save_figure  # noqa: E402
+
 HEATMAP_COLUMNS = ("weight_effective_rank", "weight_energy90_rank", "weight_energy99_rank", "weight_stable_rank",
                    "grad_effective_rank", "grad_energy90_rank", "grad_energy99_rank", "grad_stable_rank",
                    "drift_overlap")
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(obj: Any, path: str | Path) -> None:
-    _atomic(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=1, default=float)))
+    write_json_atomic(path, obj)
 
 
 def _save(fig, path: str | Path) -> None:
-    _atomic(Path(path), lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def heatmap(rows: list[dict], path: str | Path) -> None:

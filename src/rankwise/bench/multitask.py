@@ -23,6 +23,7 @@ from torch import nn
 
 from ..adapters.inject import active_parameterizations
 from ..adapters.moe.stats import plot_routing, reset_usage, routing_usage
+from ..atomic import write_text_atomic
 from ..data import Batches
 from ..data.multitask import SYNTHETIC, TASKS, MultiTaskData, exact_match, prepare_multitask
 from ..errors import RankwiseError
@@ -164,15 +165,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write(out: Path, cfg: MultitaskConfig, rows: list[dict[str, Any]]) -> None:
-    _atomic_text(out / "results.json", json.dumps({"config": asdict(cfg), "rows": rows}, indent=2, default=str))
-    _atomic_text(out / "results.md", markdown_table(rows))
+    write_text_atomic(out / "results.json", json.dumps({"config": asdict(cfg), "rows": rows}, indent=2, default=str))
+    write_text_atomic(out / "results.md", markdown_table(rows))
     plot_bars(rows, out / "multitask.png")
 
 
@@ -181,7 +176,7 @@ def plot_bars(rows: list[dict[str, Any]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plots import plt, save_figure
     import numpy as np
 
     tasks = list(rows[0]["tasks"])
@@ -198,11 +193,7 @@ def plot_bars(rows: list[dict[str, Any]], png: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("multi-task fine-tuning at equal activated rank")
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png, dpi=110)
 
 
 def config_from_args(args: Any) -> MultitaskConfig:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from ..atomic import write_text_atomic
 
 MB = 2**20
 
@@ -58,12 +59,6 @@ def versions() -> dict[str, str]:
     return info
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
@@ -81,7 +76,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], preset, cfg) -> None:
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
     writer.writerows(summary(r) for r in rows)
-    _write_atomic(out / "results.csv", buf.getvalue())
+    write_text_atomic(out / "results.csv", buf.getvalue())
 
     env = versions()
     setup = {"preset": cfg.preset, **{k: v for k, v in asdict(preset).items() if k != "methods"},
@@ -102,21 +97,17 @@ def write_results(out: Path, rows: list[dict[str, Any]], preset, cfg) -> None:
           *[f"| {r['label']} | {r['method']} | `{json.dumps(r.get('options', {}), sort_keys=True)}` | "
             f"{r.get('lr', '-')} |" for r in rows], "",
           "## Versions", "", *[f"- {k}: {v}" for k, v in env.items()], ""]
-    _write_atomic(out / "results.md", "\n".join(md))
-    _write_atomic(out / "bench.json", json.dumps({"setup": setup, "versions": env, "runs": rows}, indent=1,
+    write_text_atomic(out / "results.md", "\n".join(md))
+    write_text_atomic(out / "bench.json", json.dumps({"setup": setup, "versions": env, "runs": rows}, indent=1,
                                                  default=str))
     plot_ppl_vs_memory(ok, out / "ppl_vs_memory.png")
     plot_loss_curves(ok, out / "loss_curves.png")
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    from ..plots import save_figure
 
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def plot_ppl_vs_memory(rows: list[dict[str, Any]], path: Path) -> None:

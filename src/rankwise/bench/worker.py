@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_json_atomic
 from ..errors import RankwiseError
 from .budget import optimizer_state_estimate
 
@@ -25,12 +25,6 @@ def memory_breakdown(model: torch.nn.Module, optimizer_state_bytes: int) -> dict
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {"weights_bytes": weights, "grads_bytes": grads, "optimizer_state_bytes": optimizer_state_bytes,
             "train_mem_bytes": weights + grads + optimizer_state_bytes}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from ..atomic import write_atomic
 from ..errors import RankwiseError
 from . import sources
 from .tokenizer import EOS, load_tokenizer, train_tokenizer
@@ -60,17 +60,6 @@ class TokenizedCorpus:
         return self.train if name == "train" else self.val
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _encode(tok: Tokenizer, docs: list[str], dtype: np.dtype) -> np.ndarray:
     eos = tok.token_to_id(EOS)
     ids = [np.asarray(e.ids + [eos], dtype=dtype) for e in tok.encode_batch(docs)]
@@ -102,13 +91,13 @@ def prepare(source: str = "stdlib-docs", vocab_size: int = 8192, val_fraction: f
         tok = tokenizer or train_tokenizer(train_docs, vocab_size)
         dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "tokenizer.json", lambda p: tok.save(p))
+        write_atomic(directory / "tokenizer.json", lambda p: tok.save(p))
         for name, split_docs in (("train", train_docs), ("val", val_docs)):
             arr = _encode(tok, split_docs, dtype)
-            _write_atomic(directory / f"{name}.bin", lambda p, a=arr: a.tofile(p))
+            write_atomic(directory / f"{name}.bin", lambda p, a=arr: a.tofile(p))
         meta = {"source": source, "dtype": np.dtype(dtype).name, "vocab_size": tok.get_vocab_size(),
                 "documents": {"train": len(train_docs), "val": len(val_docs)}}
-        _write_atomic(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+        write_atomic(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     meta = json.loads(meta_path.read_text())
     arrays = {name: np.memmap(directory / f"{name}.bin", dtype=meta["dtype"], mode="r") for name in ("train", "val")}
     return TokenizedCorpus(source, load_tokenizer(directory / "tokenizer.json"), arrays["train"], arrays["val"],

@@ -26,7 +26,7 @@ def plot_routing(usage: dict[str, torch.Tensor], png: str | Path, title: str = "
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ...plots import plt, save_figure
 
     names = list(usage)
     width = max(len(u) for u in usage.values())
@@ -40,8 +40,4 @@ def plot_routing(usage: dict[str, torch.Tensor], png: str | Path, title: str = "
     ax.set_xlabel("expert (rank) index")
     ax.set_title(title or "routing: share of selections x number of experts (1 = uniform)")
     fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    tmp = Path(png).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(fig, png, dpi=110)
