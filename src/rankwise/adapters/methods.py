@@ -135,7 +135,8 @@ def _vera(r: int | None = None, rank: int | None = None, alpha: float = 256.0, t
 
 @register("randlora", "adapters", "RandLoRA: full-rank update from scaled shared random low-rank bases")
 def _randlora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
-              dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+              dropout: float = 0.0, seed: int = 0, lr_scale: float = 10.0) -> Method:
+    """Only diagonal scalings are trained, so (like VeRA) the default learning rate is higher (``lr_scale=10``)."""
     return AdapterMethod("randlora", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
 
 
