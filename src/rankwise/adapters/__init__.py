@@ -13,6 +13,7 @@ from .inits import calibration_gradients, init_lora_ga, init_lora_sb, init_pissa
 from .inject import (active_parameterizations, adapter_layers, apply, delete_adapter, disable_adapters, find_targets,
                      merge, merge_and_unload, set_adapter, unmerge)
 from .io import load_adapter, read_config, save_adapter
+from .moe import layers as _moe_layers  # noqa: F401,E402  (register smora / mixlora / flylora for load_adapter)
 
 __all__ = ["PARAMETERIZATIONS", "AdapterLinear", "Parameterization", "parameterization", "AltLoRA", "LoRAPro",
            "calibration_gradients", "init_lora_ga", "init_lora_sb", "init_pissa", "active_parameterizations",
