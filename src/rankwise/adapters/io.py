@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..atomic import write_atomic
 from ..errors import RankwiseError
 from .base import AdapterLinear, Parameterization
 from .inject import _linear_names, adapter_layers, attach, build_parameterization, find_targets
@@ -33,17 +33,6 @@ PREFIX = "base_model.model."
 _UNSUPPORTED_LORA = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "rank_pattern": {},
                      "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
                      "use_qalora": False, "lora_bias": False}
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _adapters(model: nn.Module, adapter_name: str) -> dict[str, Parameterization]:
@@ -81,9 +70,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                for p, a in adapters.items() for k, v in a.export_state().items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config = json.dumps(adapter_config(adapters, base_model_name_or_path), indent=2)
-    _atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config))
+    write_atomic(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config))
     return out
 
 
