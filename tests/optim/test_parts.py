@@ -10,7 +10,7 @@ import torch
 from optim_helpers import micro_model, train_steps, single_thread  # noqa: F401 (autouse fixture)
 from rankwise.errors import RankwiseError
 from rankwise.optim import SplitOptimizer, build
-from rankwise.optim.projectors import PROJECTORS, make_projector
+from rankwise.optim.projectors import PROJECTORS, canonical, make_projector
 
 
 def known_spectrum(m: int, n: int, r: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +72,23 @@ def test_svd_random_coordinates_projectors_are_orthonormal_projections():
     assert cos_largest_angle(state["basis"], torch.linalg.svd(g)[0][:, :6]) > 0.9999
 
 
+@pytest.mark.parametrize("m,n", [(24, 24), (30, 10), (10, 30)])
+def test_svd_refresh_is_the_svd_of_g_itself_on_galores_side(m, n):
+    """Right projection (P = V[:, :r]) when m >= n, squares included; left (U[:, :r]) otherwise; bit for bit the
+    singular vectors of G (not of G^T, whose signs differ), as galore-torch's ``get_orthogonal_matrix``."""
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(m + n))
+    gt = canonical(g)
+    assert gt.shape == (min(m, n), max(m, n)) and (gt.data_ptr() == g.data_ptr())
+    assert (gt.stride() != g.stride()) == (m >= n)  # transposed view exactly when m >= n
+    state = {}
+    make_projector("svd", 5).refresh(g, state, seed=0)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    assert torch.equal(state["basis"], (vh[:5].t() if m >= n else u[:, :5]).contiguous())
+
+
 def reference_fira(grads, lr, scale, r, eps=1e-8, betas=(0.9, 0.999), gamma=1.01):
-    """Fira by hand (arXiv 2410.01623 Eq. 7-9): one matrix (m <= n), basis fixed after step 1."""
+    """Fira by hand as the paper writes it (arXiv 2410.01623 Eq. 7-9: residual G - P P^T G, phi on the Adam update
+    itself), torch's Adam arithmetic: one matrix (m < n), basis fixed after step 1."""
     w = torch.zeros_like(grads[0], dtype=torch.float64)
     p = torch.linalg.svd(grads[0].double())[0][:, :r]
     m = v = torch.zeros(r, grads[0].shape[1], dtype=torch.float64)
@@ -93,11 +108,13 @@ def reference_fira(grads, lr, scale, r, eps=1e-8, betas=(0.9, 0.999), gamma=1.01
     return w
 
 
-def test_fira_residual_matches_the_paper():
+def test_fira_exact_residual_matches_the_paper():
+    """``fira_exact`` with ``adamw`` (gain 1, so phi sees the whole update) is the paper's equations; the ``fira``
+    preset (Fira's code) is checked against the fira package in tests/reference/test_ref_fira.py."""
     torch.manual_seed(0)
     grads = [torch.randn(12, 20) * (1 + 3 * (t == 3)) for t in range(5)]  # a spike at t=3 triggers the limiter
     w = torch.nn.Parameter(torch.zeros(12, 20))
-    opt = SplitOptimizer([w], projector="svd", residual="fira", rank=4, scale=0.25, lr=0.1, update_gap=100)
+    opt = SplitOptimizer([w], projector="svd", residual="fira_exact", rank=4, scale=0.25, lr=0.1, update_gap=100)
     for g in grads:
         w.grad = g.clone()
         opt.step()
@@ -131,8 +148,8 @@ def test_rank_errors_name_the_parameter():
 
 
 @pytest.mark.parametrize("key,value,valid", [("projector", "pca", "svd, rsvd, random, coordinates, block, layers"),
-                                             ("residual", "adam", "drop, sgd, signsgd, fira"),
-                                             ("inner", "lion", "adam, adamw, sgd"),
+                                             ("residual", "adam", "drop, sgd, signsgd, fira, fira_exact"),
+                                             ("inner", "lion", "adam, adamw, adamw_hf, sgd"),
                                              ("moments", "zero", "keep, reset, rotate")])
 def test_unknown_part_lists_valid_ones(key, value, valid):
     with pytest.raises(RankwiseError, match=f"unknown {key} '{value}'; valid: {valid}"):

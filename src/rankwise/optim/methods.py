@@ -1,8 +1,13 @@
 """The optimizer presets as training-loop methods: ``rankwise train --method galore --rank 64 ...``.
 
 Every method trains all parameters (full-parameter training); only the optimizer changes. ``cfg.lr``,
-``weight_decay``, ``betas`` and ``eps`` come from the loop's ``OptimConfig``; options come from the CLI
-(``--rank``, ``--update-gap``, ``--scale``, ``--opt KEY=VALUE``).
+``weight_decay`` and ``betas`` come from the loop's ``OptimConfig``; options come from the CLI (``--rank``,
+``--update-gap``, ``--scale``, ``--opt KEY=VALUE``).
+
+eps: the ``eps`` option if given (``--opt eps=1e-8``); else the preset's reference default where it has one
+(``galore``, ``fira``: 1e-6, as galore-torch's and Fira's AdamW); else the loop's ``cfg.eps`` (torch's 1e-8). So
+``OptimConfig.eps`` — which the training loop never sets, and the HF integration fills from ``adam_epsilon`` — does
+not silently replace a reference default; pass the option to change it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 from torch import nn
 
 from ..methods import Method, OptimConfig, register
-from .presets import build
+from .presets import PRESETS, build
 
 
 class SplitMethod(Method):
@@ -26,19 +31,26 @@ class SplitMethod(Method):
     def build_optimizer(self, model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
         options = dict(self.optimizer_options)
         include_embeddings = options.pop("include_embeddings", False)
+        if options.get("eps") is None:
+            options["eps"] = PRESETS[self.preset].get("eps", cfg.eps)
         return build(self.preset, model, include_embeddings=include_embeddings, lr=cfg.lr,
-                     weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps, **options)
+                     weight_decay=cfg.weight_decay, betas=cfg.betas, **options)
 
 
 @register("galore", "optim", "GaLore: AdamW in the top-r SVD subspace of each gradient, residual dropped")
 def galore(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
-           moments: str = "keep", layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
+           moments: str = "keep", inner: str = "adamw_hf", eps: float | None = None, layerwise: bool = False,
+           include_embeddings: bool = False, seed: int = 0) -> Method:
+    """galore-torch 1.0's GaLoreAdamW; ``projector="rsvd"``, ``moments="rotate"``, ``inner="adamw"`` are rankwise's
+    options beyond it (docs/fidelity-galore-fira.md)."""
     return SplitMethod("galore", **locals())
 
 
 @register("fira", "optim", "Fira: GaLore + the residual scaled by the inner update's gain, norm-growth limiter")
 def fira(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
-         moments: str = "keep", layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
+         moments: str = "keep", inner: str = "adamw_hf", residual: str = "fira", eps: float | None = None,
+         layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
+    """fira 1.0.2's FiraAdamW; ``residual="fira_exact"`` (residual G - P P^T G) and GaLore's options beyond it."""
     return SplitMethod("fira", **locals())
 
 
@@ -65,5 +77,6 @@ def lisa(update_gap: int = 20, active_blocks: int = 1, residual: str = "drop", l
 def split(projector: str = "svd", inner: str = "adamw", residual: str = "drop", rank: int = 128,
           update_gap: int = 200, scale: float = 1.0, moments: str = "keep", residual_lr_scale: float = 1.0,
           power_iters: int = 2, oversample: int = 8, block_order: str = "ascending", active_blocks: int = 1,
-          momentum: float = 0.9, layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
-    return SplitMethod("galore", **locals())  # the base preset: every one of its options is overridden here
+          momentum: float = 0.9, eps: float | None = None, layerwise: bool = False, include_embeddings: bool = False,
+          seed: int = 0) -> Method:
+    return SplitMethod("split", **locals())

@@ -2,16 +2,20 @@
 
 For a projected 2-D parameter with gradient G (canonical orientation Gt, (d, D), see ``projectors``), one step is
 
-    every ``update_gap`` steps:  P <- projector.fit(Gt); moments kept / reset / rotated by R = P_new^T P_old
+    every ``update_gap`` steps:  P <- projector.refresh(G); moments kept / reset / rotated by R = P_new^T P_old
     g = P^T Gt                                   (r, D)   projected gradient
     u = inner(g)                                 (r, D)   stateful direction (Adam/AdamW/SGD-momentum)
     W <- W - lr * scale * P u                             GaLore's update, alpha = ``scale``
     W <- W - lr * residual_lr_scale * rho(Gt - P g)       residual rule rho: drop / fira / signsgd / sgd
+                                                          (Fira's code subtracts scale * P g instead)
 
 Block selectors (``block``, ``layers``) replace P by all-or-nothing per parameter: a selected block gets the inner
 rule on its full gradient, the others only the residual rule. Parameters that are not projected (1-D ones, and any
 group with ``project=False``) get the inner rule on their full gradient — with ``inner="adamw"`` that is exactly
-``torch.optim.AdamW``.
+``torch.optim.AdamW``, with ``inner="adamw_hf"`` transformers' ``AdamW`` (galore-torch's and Fira's arithmetic).
+
+Weight decay: ``adam`` / ``sgd`` add ``wd * W`` to the gradient (L2); ``adamw`` scales ``W <- W (1 - lr wd)`` before
+the update (torch); ``adamw_hf`` applies ``W <- W - lr wd W`` to the updated weights (transformers).
 
 Every option is also a param-group key, so groups can differ (e.g. embeddings plain, attention projected). ``lr``
 stays in ``param_groups`` for LR schedulers. ``layerwise=True`` runs each parameter's update inside a
@@ -48,15 +52,18 @@ class SplitOptimizer(torch.optim.Optimizer):
 
     Args (all also valid as param-group keys):
         projector: ``svd``, ``rsvd``, ``random``, ``coordinates`` (per matrix) or ``block``, ``layers`` (per block).
-        inner: ``adamw``, ``adam`` or ``sgd`` (momentum) — the stateful rule.
-        residual: ``drop``, ``fira``, ``signsgd`` or ``sgd`` — the rule on the part outside the subspace.
+        inner: ``adamw`` (torch's arithmetic), ``adamw_hf`` (transformers', as in galore-torch / Fira), ``adam`` or
+            ``sgd`` (momentum) — the stateful rule.
+        residual: ``drop``, ``fira`` (Fira's code), ``fira_exact`` (its residual is G - P P^T G), ``signsgd`` or
+            ``sgd`` — the rule on the part outside the subspace.
         rank: subspace dimension r, 1 <= r <= min(m, n) for every projected matrix.
         update_gap: steps between refreshes of the subspace / block selection (GaLore's ``update_proj_gap``).
         scale: multiplier alpha of the back-projected inner update (GaLore's ``scale``; 0.25 in its recipe).
         moments: on refresh, ``keep`` (GaLore, Fira), ``reset`` (FRUGAL, BAdam, LISA) or ``rotate`` into the new
             basis (m <- R m, v <- (R*R) v, R = P_new^T P_old).
         residual_lr_scale: residual learning rate / lr (FRUGAL's ``inactive_lr_scale``).
-        lr, betas, eps, weight_decay, momentum, nesterov: as in ``torch.optim`` (decoupled decay for ``adamw``).
+        lr, betas, eps, weight_decay, momentum, nesterov: as in ``torch.optim`` (decoupled decay for ``adamw``,
+            after the update for ``adamw_hf``).
         power_iters, oversample: ``rsvd`` settings. block_order (ascending/descending/random), active_blocks: block
             selector settings. seed: seeds random bases and block sampling (resume is bit-exact).
         project: per group; False = plain inner rule on full gradients. names / blocks: per group, one per param
@@ -189,7 +196,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         inner = make_inner(group["inner"])
         lr, wd = group["lr"], group["weight_decay"]
-        if wd:
+        if wd and not inner.decay_after:
             if inner.coupled_decay:
                 g = g.add(p, alpha=wd)
             else:
@@ -203,6 +210,8 @@ class SplitOptimizer(torch.optim.Optimizer):
             self._block_update(p, g, state, group, inner, t)
         else:
             self._subspace_update(p, g, state, group, inner, t)
+        if wd and inner.decay_after:
+            p.add_(p, alpha=-lr * wd)
         state["updates"] = t + 1
 
     def _block_update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
@@ -231,7 +240,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if refresh:
             if group["moments"] == "rotate" and "step" in state:
                 old = proj.dense(proj.handle(state, gt), d)
-            proj.fit(canonical(p.grad), state, _mix(group["seed"], self._index[p], t // group["update_gap"]))
+            proj.refresh(p.grad, state, _mix(group["seed"], self._index[p], t // group["update_gap"]))
         h = proj.handle(state, gt)
         low = proj.down(gt, h)
         if "step" not in state:
@@ -244,14 +253,18 @@ class SplitOptimizer(torch.optim.Optimizer):
         pt = canonical(p)
         lr, rls = group["lr"], group["residual_lr_scale"]
         residual = make_residual(group["residual"])
-        c = None if group["residual"] == "drop" else residual.column_scale(gt, low, u, state)
+        c = None
+        if group["residual"] != "drop":
+            basis = proj.dense(h, d) if residual.needs_subspace else None
+            c = residual.column_scale(gt, low, u, state, group, basis)
         if c is None:
             pt.add_(proj.up(u, h, d), alpha=-lr * group["scale"])
             if group["residual"] != "drop":
                 pt.add_(residual.direction(proj.residual(gt, low, h), low, u, state, group), alpha=-lr * rls)
             return
-        # linear residual rule: scale P u + rls (Gt - P g) c = P (scale u - rls g c) + rls Gt c
-        pt.add_(proj.up(u.mul(group["scale"]).sub_(low * c, alpha=rls), h, d), alpha=-lr)
+        # linear residual rule: scale P u + rls (Gt - w P g) c = P (scale u - rls w g c) + rls Gt c
+        w = residual.subspace_weight(group)
+        pt.add_(proj.up(u.mul(group["scale"]).sub_(low * c, alpha=rls * w), h, d), alpha=-lr)
         if isinstance(c, torch.Tensor):
             pt.addcmul_(gt, c, value=-lr * rls)
         else:
@@ -264,7 +277,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         Per parameter with element size s: a float32 ``step`` (4 B) with every set of moments; plain params
         k * numel * s (k = 2 for Adam/AdamW, 1 for SGD-momentum); projected (m, n), d = min, D = max:
         basis d * r * s (svd, rsvd) / 0 (random: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
-        (+ 4 B for ``fira``'s limiter); block selectors: k * numel * s + 4 for params of selected blocks, else 0.
+        (+ max(4, s) B for ``fira``'s limiter); block selectors: k * numel * s + 4 for params of selected blocks, else 0.
         """
         total = 0
         for group in self.param_groups:
@@ -282,5 +295,5 @@ class SplitOptimizer(torch.optim.Optimizer):
                     d, big, r = min(p.shape), max(p.shape), group["rank"]
                     basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "coordinates": 8 * r}
                     total += basis[group["projector"]] + k * r * big * s + 4
-                    total += 4 if group["residual"] == "fira" else 0
+                    total += max(4, s) * len(RESIDUAL_RULES[group["residual"]].state_keys)  # >= fp32 scalars
         return total

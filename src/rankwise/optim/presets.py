@@ -23,12 +23,15 @@ TARGETS = ("attn", "mlp")
 # galore_scale 0.25), Fira README (alpha 0.25, same gap), FRUGAL README (update_gap 200, signSGD residual,
 # inactive_lr_scale 1.0 for pre-training, reset_statistics=True), BAdam (switch_block_every 50, ascending),
 # LISA / LMFlow script (lisa_activated_layers 1, lisa_interval_steps 20).
+# galore / fira: galore-torch 1.0's GaLoreAdamW and fira 1.0.2's FiraAdamW are transformers' AdamW (``adamw_hf``,
+# default eps 1e-6) on every param, projected or not (docs/fidelity-galore-fira.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "adamw": dict(project=False),
-    "galore": dict(projector="svd", inner="adamw", residual="drop", rank=128, update_gap=200, scale=0.25,
-                   moments="keep"),
-    "fira": dict(projector="svd", inner="adamw", residual="fira", rank=128, update_gap=200, scale=0.25,
-                 moments="keep"),
+    "split": dict(),  # SplitOptimizer's own defaults: every option is the caller's
+    "galore": dict(projector="svd", inner="adamw_hf", residual="drop", rank=128, update_gap=200, scale=0.25,
+                   moments="keep", eps=1e-6),
+    "fira": dict(projector="svd", inner="adamw_hf", residual="fira", rank=128, update_gap=200, scale=0.25,
+                 moments="keep", eps=1e-6),
     "frugal": dict(projector="svd", inner="adamw", residual="signsgd", rank=128, update_gap=200, scale=1.0,
                    moments="reset", residual_lr_scale=1.0),
     "badam": dict(projector="block", inner="adamw", residual="drop", update_gap=50, block_order="ascending",
@@ -75,8 +78,11 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, include_embeddings
 
 def build(name: str, params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
           include_embeddings: bool = False, **overrides: Any) -> SplitOptimizer:
-    """The preset ``name`` (adamw, galore, fira, frugal, badam, lisa) with ``overrides`` on ``params`` — a model
-    (split by ``param_groups``) or anything ``torch.optim`` accepts (then every 2-D tensor is projected)."""
+    """The preset ``name`` (adamw, galore, fira, frugal, badam, lisa, split) with ``overrides`` on ``params`` — a
+    model (split by ``param_groups``) or anything ``torch.optim`` accepts (then every 2-D tensor is projected).
+
+    A preset's options apply to every param group (``galore`` / ``fira``: ``adamw_hf`` on the plain groups too, as
+    every param is inside the reference's ``GaLoreAdamW`` / ``FiraAdamW``)."""
     if name not in PRESETS:
         raise RankwiseError(f"unknown optimizer preset {name!r}; valid presets: {', '.join(PRESETS)}")
     options = {**PRESETS[name], **overrides}

@@ -1,9 +1,10 @@
 """Projectors: the low-dimensional part of a 2-D gradient, and its way back.
 
 Every projector works on the gradient in a canonical orientation ``Gt`` of shape (d, D), d = min(m, n): the gradient
-itself when m <= n, its transpose (a view) otherwise. This is GaLore's ``proj_type="std"`` rule of projecting on the
-smaller side (Zhao et al. 2024, ``galore_projector.py``: right projection when m >= n, left otherwise), so the basis
-``P`` (d x r) is the smallest possible and the low-rank gradient ``P^T Gt`` has shape (r, D).
+itself when m < n, its transpose (a view) when m >= n. This is GaLore's ``proj_type="std"`` rule (Zhao et al. 2024,
+galore-torch ``galore_projector.py``; the same in Fira and FRUGAL): a right projection when m >= n — square matrices
+included — a left one otherwise, so the basis ``P`` (d x r) is the smallest possible and the low-rank gradient
+``P^T Gt`` has shape (r, D).
 
 A projector is stateless; what it needs between steps lives in the parameter's optimizer state (so it is counted by
 ``optimizer_state_bytes`` and saved by ``state_dict``):
@@ -11,7 +12,8 @@ A projector is stateless; what it needs between steps lives in the parameter's o
 ========== ============================================ =========================
 name       basis                                        state
 ========== ============================================ =========================
-svd        top-r left singular vectors of Gt (GaLore)   ``basis`` d x r
+svd        top-r singular vectors of G on its smaller   ``basis`` d x r
+           side (GaLore), from the SVD of G itself
 rsvd       randomized range finder, q power iterations, ``basis`` d x r
            warm-started from the previous basis
 random     orthonormalized Gaussian (seeded)            ``seed`` (a Python int)
@@ -31,8 +33,8 @@ State = dict[str, Any]
 
 
 def canonical(g: torch.Tensor) -> torch.Tensor:
-    """``g`` as (d, D) with d = min(m, n): a view, transposed when m > n."""
-    return g if g.shape[0] <= g.shape[1] else g.t()
+    """``g`` as (d, D) with d = min(m, n): a view, transposed when m >= n (GaLore's right projection)."""
+    return g.t() if g.shape[0] >= g.shape[1] else g
 
 
 def generator(device: torch.device, seed: int) -> torch.Generator:
@@ -40,13 +42,18 @@ def generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 class Projector:
-    """Base class. ``fit`` picks a new basis at a refresh (into the param's state); ``handle`` gives, once per step,
-    what ``down``/``up``/``residual`` need (the dense basis, or the kept indices)."""
+    """Base class. ``refresh`` picks a new basis at a refresh (into the param's state); ``handle`` gives, once per
+    step, what ``down``/``up``/``residual`` need (the dense basis, or the kept indices)."""
 
     name: ClassVar[str]
 
     def __init__(self, rank: int):
         self.rank = rank
+
+    def refresh(self, g: torch.Tensor, state: State, seed: int) -> None:
+        """Choose the basis for the coming period from the gradient ``g`` (m, n) in its own orientation (what the
+        optimizer calls; by default ``fit`` on ``canonical(g)``)."""
+        self.fit(canonical(g), state, seed)
 
     def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
         """Choose the basis for the coming period from the canonical gradient ``gt`` (d, D)."""
@@ -74,22 +81,35 @@ class Projector:
 
 
 class SVD(Projector):
-    """Exact: P = U[:, :r] of Gt = U S V^T (GaLore, arXiv 2403.03507, Alg. 2; ``get_orthogonal_matrix``)."""
+    """Exact: P = the top-r singular vectors of G = U S V^T on its smaller side (GaLore, arXiv 2403.03507, Alg. 2):
+    V[:, :r] when m >= n (right), U[:, :r] otherwise.
+
+    ``refresh`` decomposes G itself, as galore-torch's ``get_orthogonal_matrix`` does, not its canonical transpose:
+    singular vectors are defined up to sign, and the SVD of G^T returns other signs than the SVD of G, which would
+    make kept moments disagree with the reference's after every refresh. ``fit(gt)`` decomposes ``gt`` as given.
+    """
 
     name = "svd"
+
+    def refresh(self, g: torch.Tensor, state: State, seed: int) -> None:
+        u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
+        right = g.shape[0] >= g.shape[1]  # the side ``canonical`` puts first
+        basis = vh[: self.rank].t() if right else u[:, : self.rank]
+        state["basis"] = basis.to(g.dtype).contiguous()
 
     def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
         u, _, _ = torch.linalg.svd(gt.float(), full_matrices=False)
         state["basis"] = u[:, : self.rank].to(gt.dtype).contiguous()
 
 
-class RandomizedSVD(SVD):
+class RandomizedSVD(Projector):
     """Randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1) with ``power_iters`` subspace
     iterations, started from the previous basis plus ``oversample`` fresh Gaussian columns, then Rayleigh-Ritz
     (eigenvectors of the small Gram matrix) to keep the top-r directions, largest first.
 
     Cost ~ 2 (q + 1) d D (r + p) flops instead of a full SVD's O(d^2 D); the warm start makes a few iterations enough
-    because the gradient's top subspace drifts slowly between refreshes.
+    because the gradient's top subspace drifts slowly between refreshes. Not GaLore's basis to the last bit (a
+    different subspace estimate, other signs): a rankwise option, never a preset's default.
     """
 
     name = "rsvd"

@@ -1,12 +1,13 @@
 """Update rules: the stateful *inner* rule on the projected gradient, the state-free *residual* rule on the rest.
 
 An inner rule turns a gradient ``g`` (any shape; the projected (r, D) one, or a full one for plain params) into a
-direction ``u`` with the update ``p <- p - lr * u``; its state (moments, a float32 scalar ``step`` as in
+direction ``u = c * n`` with the update ``p <- p - lr * u``: ``n`` the normalized direction, ``c`` a scalar step-size
+factor (``gain``; the bias correction sqrt(bc2)/bc1 of the transformers-style Adam, 1 for the others). Its state (moments, a float32 scalar ``step`` as in
 ``torch.optim``) lives in the param's optimizer state. It can reset its moments, or rotate them into a new basis
 (``R = P_new^T P_old``) when the projector refreshes.
 
-A residual rule turns ``Gt - P P^T Gt`` into a direction applied with its own learning rate
-(``lr * residual_lr_scale``); only ``fira`` keeps state (one scalar).
+A residual rule turns ``Gt - w P P^T Gt`` (w = ``subspace_weight``, 1 except for Fira) into a direction applied with
+its own learning rate (``lr * residual_lr_scale``); only ``fira`` / ``fira_exact`` keep state (one scalar).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class InnerRule:
     name: ClassVar[str]
     moments: ClassVar[tuple[str, ...]]
     coupled_decay: ClassVar[bool]  # weight decay added to the gradient (Adam, SGD) rather than to the weights (AdamW)
+    decay_after: ClassVar[bool] = False  # decoupled decay of the updated weights (transformers' AdamW), not before
 
     def init(self, state: State, like: torch.Tensor) -> None:
         state["step"] = torch.tensor(0.0)
@@ -48,6 +50,10 @@ class InnerRule:
 
     def direction(self, g: torch.Tensor, state: State, group: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
+
+    def gain(self, state: State, group: dict[str, Any]) -> float:
+        """The step-size factor c of the last direction, u = c * n (1 unless the rule has one)."""
+        return 1.0
 
 
 class Adam(InnerRule):
@@ -82,6 +88,35 @@ class AdamW(Adam):
     coupled_decay = False
 
 
+class AdamWHF(Adam):
+    """AdamW in the arithmetic of transformers' ``AdamW`` (``optimization.py``), which galore-torch 1.0
+    (``galore_torch/adamw.py``) and fira 1.0.2 (``fira/fira_adamw.py``) copy:
+
+        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2,   u = sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+        p <- p - lr u,   then   p <- p - lr wd p   (decay of the *updated* weights)
+
+    The bias correction multiplies the step, so eps is not rescaled by sqrt(bc2) as in ``torch.optim.AdamW``; the
+    references' default eps is 1e-6.
+    """
+
+    name = "adamw_hf"
+    coupled_decay = False
+    decay_after = True
+
+    def direction(self, g: torch.Tensor, state: State, group: dict[str, Any]) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        return (m / v.sqrt().add_(group["eps"])).mul_(self.gain(state, group))
+
+    def gain(self, state: State, group: dict[str, Any]) -> float:
+        beta1, beta2 = group["betas"]
+        t = state["step"].item()
+        return math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+
+
 class SGDMomentum(InnerRule):
     """SGD with heavy-ball momentum in ``torch.optim.SGD``'s arithmetic (buffer = g at the first step, then
     ``mu buf + g``; Nesterov optional) — FRUGAL's theory case (arXiv 2411.07837, Sec. 5). Momentum is linear, so with
@@ -102,7 +137,7 @@ class SGDMomentum(InnerRule):
         return g.add(buf, alpha=mu) if group["nesterov"] else buf
 
 
-INNER_RULES: dict[str, type[InnerRule]] = {r.name: r for r in (Adam, AdamW, SGDMomentum)}
+INNER_RULES: dict[str, type[InnerRule]] = {r.name: r for r in (Adam, AdamW, AdamWHF, SGDMomentum)}
 
 
 class ResidualRule:
@@ -114,12 +149,16 @@ class ResidualRule:
                   state: State, group: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
-    def column_scale(self, gt: torch.Tensor, g_low: torch.Tensor, u_low: torch.Tensor,
-                     state: State) -> torch.Tensor | float | None:
-        """For rules linear in the residual, c with direction = (Gt - P P^T Gt) * c (c per column or scalar): the
-        optimizer then never forms the residual, it applies ``P (. - g_low c)`` and ``Gt c`` (one matmul fewer).
-        None for non-linear rules (``direction`` is used)."""
+    def column_scale(self, gt: torch.Tensor, g_low: torch.Tensor, u_low: torch.Tensor, state: State,
+                     group: dict[str, Any], basis: torch.Tensor | None) -> torch.Tensor | float | None:
+        """For rules linear in the residual, c with direction = (Gt - w P P^T Gt) * c (c per column or scalar): the
+        optimizer then never forms the residual, it applies ``P (. - w g_low c)`` and ``Gt c`` (one matmul fewer).
+        ``basis`` is P (d, r), dense, for rules that ``needs_subspace`` (else None). None for non-linear rules (``direction`` is used)."""
         return None
+
+    def subspace_weight(self, group: dict[str, Any]) -> float:
+        """w: how much of the in-subspace part ``P P^T Gt`` the residual removes (1: the exact complement)."""
+        return 1.0
 
 
 class Drop(ResidualRule):
@@ -136,7 +175,7 @@ class SGDResidual(ResidualRule):
     def direction(self, resid, g_low, u_low, state, group):
         return resid
 
-    def column_scale(self, gt, g_low, u_low, state):
+    def column_scale(self, gt, g_low, u_low, state, group, basis):
         return 1.0
 
 
@@ -151,12 +190,16 @@ class SignSGDResidual(ResidualRule):
 
 
 class FiraResidual(ResidualRule):
-    """Fira (Chen et al. 2024, arXiv 2410.01623, Eq. 7-9; ``optimizer_torch/fira_adamw.py``): the residual scaled
-    column-wise by phi_j = ||u_:,j|| / ||(P^T G)_:,j|| — the inner rule's own gain in that column — then the
-    norm-growth limiter: if ||S_t|| / ||S_{t-1}|| > gamma, S_t is rescaled so the ratio is gamma (gamma = 1.01).
+    """Fira (Chen et al. 2024, arXiv 2410.01623, Eq. 7-9) as fira 1.0.2's ``fira/fira_adamw.py`` computes it, with
+    the inner direction u = c * n (c: the inner rule's ``gain``, sqrt(bc2)/bc1 for ``adamw_hf``):
 
-    Difference from the reference code, on purpose: Fira's code subtracts ``alpha * P P^T G`` (its ``project_back``
-    applies the scale), we subtract the exact in-subspace part ``P P^T G`` as the paper's Eq. 7 writes it.
+        S = (G - alpha P P^T G) * phi,   phi_j = ||n_:,j|| / (||(P^T G)_:,j|| + 1e-8)   (per column, alpha = ``scale``)
+        if ||S|| / ||S_prev|| > gamma:  S <- S * gamma ||S_prev|| / ||S||                 (limiter, gamma = 1.01)
+        direction = c * S
+
+    phi and the limiter see the direction before the step-size factor, and ``residual_norm`` keeps ||S|| of that
+    uncorrected S (Fira's ``scaling_grad``). The code's residual subtracts ``alpha P P^T G`` (its ``project_back``
+    applies alpha); ``fira_exact`` subtracts ``P P^T G``, the orthogonal complement the paper's Eq. 7 writes.
     """
 
     name = "fira"
@@ -164,21 +207,40 @@ class FiraResidual(ResidualRule):
     state_keys = ("residual_norm",)
     gamma = 1.01
 
-    def column_scale(self, gt, g_low, u_low, state):
-        """phi / limiter per column. ||S|| comes from column norms without forming S: P has orthonormal columns, so
-        ||G_j - P g_j||^2 = ||G_j||^2 - ||g_j||^2 (Pythagoras), and ||S||^2 = sum_j phi_j^2 (||G_j||^2 - ||g_j||^2)."""
+    def subspace_weight(self, group):
+        return group["scale"]
+
+    def column_scale(self, gt, g_low, u_low, state, group, basis):
+        """phi / limiter per column, times c. ||S|| comes from column norms without forming S (g_j = P^T G_j):
+        ||G_j - w P g_j||^2 = ||G_j||^2 - 2w ||g_j||^2 + w^2 g_j^T (P^T P) g_j, exact even where P is orthonormal
+        only to the precision of its SVD (an fp32 basis for fp64 weights)."""
+        gain = make_inner(group["inner"]).gain(state, group)
+        w = self.subspace_weight(group)
         low_sq = g_low.square().sum(0)
-        phi = u_low.square().sum(0).sqrt() / (low_sq.sqrt() + 1e-8)  # one factor per column of the (r, D) gradient
-        norm = (phi.square() * (gt.square().sum(0) - low_sq).clamp(min=0)).sum().sqrt()
+        phi = u_low.square().sum(0).sqrt() / gain / (low_sq.sqrt() + 1e-8)  # per column of the (r, D) gradient
+        back_sq = ((basis.t() @ basis) @ g_low).mul_(g_low).sum(0)  # ||P g_j||^2
+        resid_sq = (gt.square().sum(0) - 2 * w * low_sq + w * w * back_sq).clamp(min=0)
+        norm = (phi.square() * resid_sq).sum().sqrt()
         if "residual_norm" in state:
             limiter = torch.clamp(norm / (state["residual_norm"] + 1e-8), min=self.gamma) / self.gamma
             phi = phi / limiter
             norm = norm / limiter
-        state["residual_norm"] = norm.float().reshape(())
-        return phi
+        state["residual_norm"] = norm.to(torch.promote_types(norm.dtype, torch.float32)).reshape(())  # >= fp32
+        return phi * gain
 
 
-RESIDUAL_RULES: dict[str, type[ResidualRule]] = {r.name: r for r in (Drop, SGDResidual, SignSGDResidual, FiraResidual)}
+class FiraExactResidual(FiraResidual):
+    """``fira`` with the exact orthogonal complement ``G - P P^T G`` as the residual (the paper's Eq. 7), whatever
+    ``scale`` is; a rankwise option, not Fira's code."""
+
+    name = "fira_exact"
+
+    def subspace_weight(self, group):
+        return 1.0
+
+
+RESIDUAL_RULES: dict[str, type[ResidualRule]] = {r.name: r for r in (Drop, SGDResidual, SignSGDResidual, FiraResidual,
+                                                                   FiraExactResidual)}
 
 
 def make_inner(name: str) -> InnerRule:
