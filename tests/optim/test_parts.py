@@ -191,3 +191,19 @@ def test_param_without_gradient_is_skipped():
     assert torch.equal(frozen, before) and not opt.state[frozen]
     assert math.isfinite(loss.item())
     train_steps(model, opt, range(1))
+
+
+def test_eps_precedence_option_then_reference_default_then_loop():
+    """galore/fira default to their references' eps (1e-6) whatever the loop's OptimConfig says; ``eps`` as a method
+    option wins; presets without a reference default take the loop's."""
+    from rankwise import methods
+    from rankwise.methods import OptimConfig
+
+    def eps(name, cfg=OptimConfig(), **options):
+        opt = methods.get(name, **({"rank": 4} if name != "badam" else {}), **options).build_optimizer(
+            micro_model(), cfg)
+        return {g["eps"] for g in opt.param_groups}, {g["inner"] for g in opt.param_groups}
+
+    assert eps("galore") == ({1e-6}, {"adamw_hf"}) and eps("fira", OptimConfig(eps=1e-7)) == ({1e-6}, {"adamw_hf"})
+    assert eps("galore", eps=1e-8, inner="adamw") == ({1e-8}, {"adamw"})
+    assert eps("split", OptimConfig(eps=1e-7)) == ({1e-7}, {"adamw"}) and eps("badam")[0] == {1e-8}
