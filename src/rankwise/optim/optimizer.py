@@ -277,7 +277,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         Per parameter with element size s: a float32 ``step`` (4 B) with every set of moments; plain params
         k * numel * s (k = 2 for Adam/AdamW, 1 for SGD-momentum); projected (m, n), d = min, D = max:
         basis d * r * s (svd, rsvd) / 0 (random: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
-        (+ max(4, s) B for ``fira``'s limiter); block selectors: k * numel * s + 4 for params of selected blocks, else 0.
+        (+ max(4, s) B for ``fira``'s limiter); block selectors: k * numel * s + 4 for params of selected blocks,
+        else 0.
         """
         total = 0
         for group in self.param_groups:

@@ -1,10 +1,10 @@
 """Update rules: the stateful *inner* rule on the projected gradient, the state-free *residual* rule on the rest.
 
 An inner rule turns a gradient ``g`` (any shape; the projected (r, D) one, or a full one for plain params) into a
-direction ``u = c * n`` with the update ``p <- p - lr * u``: ``n`` the normalized direction, ``c`` a scalar step-size
-factor (``gain``; the bias correction sqrt(bc2)/bc1 of the transformers-style Adam, 1 for the others). Its state (moments, a float32 scalar ``step`` as in
-``torch.optim``) lives in the param's optimizer state. It can reset its moments, or rotate them into a new basis
-(``R = P_new^T P_old``) when the projector refreshes.
+direction ``u = c * n`` with the update ``p <- p - lr * u``: ``n`` the normalized direction, ``c`` a scalar
+step-size factor (``gain``: sqrt(bc2)/bc1 for ``adamw_hf``, 1 for the others). Its state (moments, a float32 scalar
+``step`` as in ``torch.optim``) lives in the param's optimizer state. It can reset its moments, or rotate them into a
+new basis (``R = P_new^T P_old``) when the projector refreshes.
 
 A residual rule turns ``Gt - w P P^T Gt`` (w = ``subspace_weight``, 1 except for Fira) into a direction applied with
 its own learning rate (``lr * residual_lr_scale``); only ``fira`` / ``fira_exact`` keep state (one scalar).
@@ -153,7 +153,8 @@ class ResidualRule:
                      group: dict[str, Any], basis: torch.Tensor | None) -> torch.Tensor | float | None:
         """For rules linear in the residual, c with direction = (Gt - w P P^T Gt) * c (c per column or scalar): the
         optimizer then never forms the residual, it applies ``P (. - w g_low c)`` and ``Gt c`` (one matmul fewer).
-        ``basis`` is P (d, r), dense, for rules that ``needs_subspace`` (else None). None for non-linear rules (``direction`` is used)."""
+        ``basis`` is P (d, r), dense, for rules that ``needs_subspace`` (else None). None for non-linear rules
+        (``direction`` is used)."""
         return None
 
     def subspace_weight(self, group: dict[str, Any]) -> float:
