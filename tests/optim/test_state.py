@@ -52,6 +52,19 @@ def test_state_bytes_projectors(projector, basis):
     assert optimizer_state_bytes(opt) == expected == opt.expected_state_bytes()
 
 
+@pytest.mark.parametrize("projector,kept,entries", [("randk", lambda m, n: R * max(m, n), lambda m, n, k: k),
+                                                    ("columns", lambda m, n: R, lambda m, n, k: m * k),
+                                                    ("rows", lambda m, n: R, lambda m, n, k: k * n)])
+def test_state_bytes_coordinate_subsets(projector, kept, entries):
+    """int64 indices + AdamW moments of the kept entries + the step, per matrix."""
+    model = micro_model()
+    opt = build("frugal", model, projector=projector, density=None, rank=R, update_gap=2)
+    train_steps(model, opt, range(3))
+    projected, plain = shapes(model)
+    expected = sum(8 * kept(m, n) + 2 * entries(m, n, kept(m, n)) * F32 + 4 for m, n in projected)
+    assert optimizer_state_bytes(opt) == expected + plain_bytes(plain) == opt.expected_state_bytes()
+
+
 @pytest.mark.parametrize("name,options", [("badam", {}), ("lisa", {"active_blocks": 1}),
                                           ("lisa", {"active_blocks": 1, "moments": "reset"}), ("frugal", {})])
 def test_state_bytes_block_presets(name, options):
@@ -111,6 +124,7 @@ def snapshot(model, opt) -> bytes:
 @pytest.mark.parametrize("name,options", [
     ("galore", {"projector": "rsvd"}), ("fira", {}), ("frugal", {"projector": "random", "moments": "rotate"}),
     ("frugal", {"projector": "coordinates"}), ("badam", {"block_order": "random"}), ("lisa", {}),
+    ("frugal", {}), ("frugal", {"projector": "randk", "moments": "rotate"}), ("frugal", {"projector": "columns"}),
 ])
 def test_state_dict_round_trip_resumes_bit_exact(name, options):
     kw = {"update_gap": 2, "lr": 1e-2, **options, **({} if name in ("badam", "lisa") else {"rank": R})}
