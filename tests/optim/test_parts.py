@@ -130,8 +130,8 @@ def test_rank_errors_name_the_parameter():
         build("galore", model, rank=0)
 
 
-@pytest.mark.parametrize("key,value,valid", [("projector", "pca", "svd, rsvd, random, coordinates, randk, columns, rows, "
-                                                                        "block, layers"),
+@pytest.mark.parametrize("key,value,valid", [("projector", "pca", "svd, rsvd, random, coordinates, randk, columns, "
+                                                              "rows, block, layers"),
                                              ("residual", "adam", "drop, sgd, signsgd, fira"),
                                              ("inner", "lion", "adam, adamw, sgd"),
                                              ("moments", "zero", "keep, reset, rotate")])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 
 from ref_model import TOL, moved, side_by_side, tiny_llama

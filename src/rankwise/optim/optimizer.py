@@ -11,9 +11,9 @@ For a projected 2-D parameter with gradient G (canonical orientation Gt, (d, D),
 Block selectors (``block``, ``layers``) replace P by all-or-nothing per parameter: a selected block gets the inner
 rule on its full gradient (times ``scale``), the others only the residual rule; with ``residual="drop"`` an inactive
 block is frozen (no update, no weight decay). Coordinate subsets (``randk``, ``columns``, ``rows``) keep a random set
-of entries / columns / rows of the (m, n) gradient itself (FRUGAL's ``CoordinateProjector``). Parameters that are not projected (1-D ones, and any
-group with ``project=False``) get the inner rule on their full gradient — with ``inner="adamw"`` that is exactly
-``torch.optim.AdamW``.
+of entries / columns / rows of the (m, n) gradient itself (FRUGAL's ``CoordinateProjector``). Parameters that are
+not projected (1-D ones, and any group with ``project=False``) get the inner rule on their full gradient — with
+``inner="adamw"`` that is exactly ``torch.optim.AdamW``.
 
 Every option is also a param-group key, so groups can differ (e.g. embeddings plain, attention projected). ``lr``
 stays in ``param_groups`` for LR schedulers. ``layerwise=True`` runs each parameter's update inside a
@@ -75,7 +75,8 @@ class SplitOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], projector: str = "svd",
                  inner: str = "adamw", residual: str = "drop", rank: int = 128, update_gap: int = 200,
-                 scale: float = 1.0, density: float | None = None, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 scale: float = 1.0, density: float | None = None, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, moments: str = "keep",
                  residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
                  block_order: str = "ascending", active_blocks: int = 1, block_phase: int = 0, seed: int = 0,
@@ -85,8 +86,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         self._group_of: dict[nn.Parameter, dict[str, Any]] = {}
         self._selection: dict[int, tuple[int, set[int]]] = {}  # id(group) -> (period, active block ids)
         defaults = dict(projector=projector, inner=inner, residual=residual, rank=rank, update_gap=update_gap,
-                        scale=scale, density=density, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
+                        scale=scale, density=density, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        momentum=momentum, nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
                         power_iters=power_iters, oversample=oversample, block_order=block_order,
                         active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project)
         super().__init__(params, defaults)

@@ -3,7 +3,9 @@
     opt = rankwise.optim.build("galore", model, rank=64, lr=1e-2)   # or build(name, params_or_groups, ...)
 
 Which parameters are projected: the weights of the attention and MLP linears (GaLore's ``target_modules_list =
-["attn", "mlp"]``); embeddings, LM head and norms get the plain rule (AdamW), embeddings optionally projected.
+["attn", "mlp"]``); embeddings, LM head and norms get the plain rule (AdamW), embeddings optionally projected. The
+block presets split differently (``param_groups``' ``blocks`` / ``outside``): FRUGAL's blocks are those weight
+tensors, BAdam's and LISA's whole layers with their norms; BAdam leaves embeddings, final norm and head out (frozen).
 """
 
 from __future__ import annotations
