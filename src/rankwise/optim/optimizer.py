@@ -118,8 +118,8 @@ class SplitOptimizer(torch.optim.Optimizer):
                     label = name or f"param #{self._index[p]}"
                     what = f"rank {r}" if group["density"] is None else f"density {group['density']} (rank {r})"
                     raise RankwiseError(f"{what} is invalid for {label} of shape {tuple(p.shape)}: the rank must be "
-                                        f"between 1 and min(m, n) = {d}; lower the rank or leave this parameter "
-                                        "unprojected")
+                                        f"between 1 and min(m, n) = {d}; pass a smaller rank, or put this "
+                                        "parameter in a param group with project=False")
             if self._projected(p, group) and group["projector"] in COORDINATE_SUBSETS:
                 sub = COORDINATE_SUBSETS[group["projector"]]
                 k, length = sub.count(p.shape, group["rank"], group["density"]), sub.length(p.shape)

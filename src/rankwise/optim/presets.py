@@ -45,16 +45,45 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # options of ``param_groups`` (how a model's params are split), not of ``SplitOptimizer``
-SPLIT_OPTIONS = ("blocks", "outside", "decay_vectors", "include_lm_head")
+SPLIT_OPTIONS = ("blocks", "outside", "decay_vectors", "include_lm_head", "targets")
 BLOCKINGS = ("linears", "tensors", "layers")
+
+def linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' GPT-2 ``Conv1D`` (weight stored (in, out); a projection does not care)."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and getattr(module, "weight", None)
+                                             is not None and module.weight.dim() == 2)
+
+
+def _chosen_weights(model: nn.Module, targets: Iterable[str] | None) -> set[int]:
+    """ids of the trainable weights of linear-like modules whose names contain a target. ``targets=None``: GaLore's
+    ("attn", "mlp") when some module is named so, else every linear-like module but the output head."""
+    linears = [(name, m) for name, m in model.named_modules() if linear_like(m) and m.weight.requires_grad]
+    if targets is None:
+        matched = [(n, m) for n, m in linears if any(t in n for t in TARGETS)]
+        if not matched:
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            matched = [(n, m) for n, m in linears if m is not head]
+    else:
+        targets = tuple(targets)
+        matched = [(n, m) for n, m in linears if any(t in n for t in targets)]
+        if not matched:
+            raise RankwiseError(f"no trainable linear layer (nn.Linear or Conv1D) of {type(model).__name__} has a "
+                                f"name containing {', '.join(map(repr, targets))}; pass targets that name some of "
+                                "its modules (see model.named_modules()), or targets=None")
+    return {id(m.weight) for n, m in matched}
+
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0, include_embeddings: bool = False,
-                 targets: Iterable[str] = TARGETS, blocks: str = "linears", outside: str = "train",
+                 targets: Iterable[str] | None = None, blocks: str = "linears", outside: str = "train",
                  decay_vectors: bool = False, include_lm_head: bool = False) -> list[dict[str, Any]]:
     """Trainable params split into projected / blocked groups and plain ones (AdamW on full gradients).
+
+    Projected weights: those of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) whose module names contain one
+    of ``targets``; by default GaLore's ("attn", "mlp") when the model has such modules, else every linear layer but
+    the output head (so a plain MLP works too).
 
     ``blocks`` says what the first groups hold and which block ids they carry (for block selectors):
     ``linears`` the target linears' weights, block id = layer index; ``tensors`` the same weights, one block each
@@ -71,7 +100,6 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, include_embeddings
         raise RankwiseError(f"unknown outside {outside!r}; valid: train, freeze")
     if include_lm_head and blocks != "layers":
         raise RankwiseError("include_lm_head makes the head a block of its own: it needs blocks='layers'")
-    targets = tuple(targets)
     vector_decay = weight_decay if decay_vectors else 0.0
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     emb = model.get_input_embeddings() if include_embeddings and hasattr(model, "get_input_embeddings") else None
@@ -95,14 +123,14 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, include_embeddings
                            "blocks": [layer_of[id(p)] for n, p in part], "block_ids": ids, "weight_decay": wd})
         groups = [g for g in groups if g["params"]]
     else:
-        chosen = {id(m.weight) for name, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and any(t in name for t in targets) and m.weight.requires_grad}
+        chosen = _chosen_weights(model, targets)
         if emb_id is not None:
             chosen.add(emb_id)
         inside = [(n, p) for n, p in named if id(p) in chosen]
         if not inside:
-            raise RankwiseError(f"no trainable nn.Linear module matches the targets {', '.join(targets)}; "
-                                "the model has nothing to project")
+            raise RankwiseError(f"{type(model).__name__} has no trainable linear layer (nn.Linear or Conv1D) to "
+                                "project; use the 'adamw' preset, or pass its parameters as a list (every 2-D "
+                                "tensor is then projected)")
         ids = [int(m.group(1)) if (m := _LAYER.search(n)) else -1 for n, p in inside]
         groups = [{"params": [p for n, p in inside], "names": [n for n, p in inside],
                    "blocks": ids if blocks == "linears" else list(range(len(inside))), "weight_decay": weight_decay}]
@@ -125,10 +153,13 @@ def build(name: str, params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[
         raise RankwiseError(f"unknown optimizer preset {name!r}; valid presets: {', '.join(PRESETS)}")
     options = {**PRESETS[name], **overrides}
     split = {k: options.pop(k) for k in SPLIT_OPTIONS if k in options}
-    if isinstance(params, nn.Module):
+    if isinstance(params, nn.Module) and not options.get("project", True):  # plain AdamW: nothing to find
+        trainable = [p for p in params.parameters() if p.requires_grad]
+        wd = options.get("weight_decay", 0.0)
+        params = [g for g in ({"params": [p for p in trainable if p.dim() >= 2], "weight_decay": wd},
+                              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}) if g["params"]]
+    elif isinstance(params, nn.Module):
         params = param_groups(params, options.get("weight_decay", 0.0), include_embeddings, **split)
-        if not options.pop("project", True):
-            params = [{**g, "project": False} for g in params]
     elif given := [k for k in SPLIT_OPTIONS if k in overrides]:
         raise RankwiseError(f"{', '.join(given)} split a model's parameters: pass the model to build(), not a "
                             "list of parameters or groups")
