@@ -34,6 +34,25 @@ def test_coordinates_full_rank_adamw_is_torch_adamw(moments, update_gap):
         assert la == pytest.approx(lb, abs=1e-6)
 
 
+@pytest.mark.parametrize("projector", ["randk", "columns", "rows"])
+@pytest.mark.parametrize("moments", ["rotate", "keep"])
+def test_coordinate_subsets_at_full_density_are_torch_adamw(projector, moments):
+    """Every entry / column / row kept (density 1, a new random order every 3 steps): AdamW exactly when the moments
+    are carried to the new index order (``rotate``); ``keep`` leaves them in the old positions and must differ."""
+    ours, ref = micro_model(), micro_model()
+    groups = [{"params": [p for p in ours.parameters() if p.dim() == 2]},
+              {"params": [p for p in ours.parameters() if p.dim() < 2], "project": False}]
+    opt = SplitOptimizer(groups, projector=projector, density=1.0, inner="adamw", residual="signsgd",
+                         update_gap=3, moments=moments, lr=3e-3, weight_decay=0.1)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1, foreach=False)
+    train_steps(ours, opt, range(STEPS))
+    train_steps(ref, torch_opt, range(STEPS))
+    if moments == "keep":
+        assert max_diff(ours, ref) > 1e-4
+    else:
+        assert max_diff(ours, ref) < 1e-6
+
+
 def test_adamw_preset_is_torch_adamw():
     """The plain path (no projection) with the preset's decay groups is torch's AdamW on the same groups."""
     ours, ref = micro_model(), micro_model()

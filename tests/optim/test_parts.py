@@ -147,7 +147,8 @@ def test_rank_errors_name_the_parameter():
         build("galore", model, rank=0)
 
 
-@pytest.mark.parametrize("key,value,valid", [("projector", "pca", "svd, rsvd, random, coordinates, block, layers"),
+@pytest.mark.parametrize("key,value,valid", [("projector", "pca", "svd, rsvd, random, coordinates, randk, columns, "
+                                                              "rows, block, layers"),
                                              ("residual", "adam", "drop, sgd, signsgd, fira, fira_exact"),
                                              ("inner", "lion", "adam, adamw, adamw_hf, sgd"),
                                              ("moments", "zero", "keep, reset, rotate")])
@@ -156,11 +157,11 @@ def test_unknown_part_lists_valid_ones(key, value, valid):
         SplitOptimizer([torch.nn.Parameter(torch.zeros(4, 4))], rank=2, **{key: value})
 
 
-def test_block_selector_rejects_fira_and_kept_moments():
+def test_block_selector_rejects_fira_and_rotated_moments():
     with pytest.raises(RankwiseError, match="needs a subspace projector"):
         build("badam", micro_model(), residual="fira")
     with pytest.raises(RankwiseError, match="use moments='reset'"):
-        build("lisa", micro_model(), moments="keep")
+        build("lisa", micro_model(), moments="rotate")
 
 
 def test_sparse_and_complex_gradients_are_refused():

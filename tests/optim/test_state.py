@@ -33,7 +33,8 @@ def plain_bytes(plain):  # AdamW: exp_avg + exp_avg_sq (float32) + a float32 ste
 ])
 def test_state_bytes_subspace_presets(name, per_matrix):
     model = micro_model()
-    opt = build(name, model, rank=R, update_gap=2)
+    extra = {"projector": "svd", "density": None} if name == "frugal" else {}  # FRUGAL's SVD mode
+    opt = build(name, model, rank=R, update_gap=2, **extra)
     train_steps(model, opt, range(3))  # across a refresh
     projected, plain = shapes(model)
     expected = sum(per_matrix(m, n) for m, n in projected) + plain_bytes(plain)
@@ -51,33 +52,57 @@ def test_state_bytes_projectors(projector, basis):
     assert optimizer_state_bytes(opt) == expected == opt.expected_state_bytes()
 
 
-@pytest.mark.parametrize("name", ["badam", "lisa"])
-def test_state_bytes_block_presets(name):
-    """Only the selected layer holds moments (full AdamW state), the others nothing at all."""
+@pytest.mark.parametrize("projector,kept,entries", [("randk", lambda m, n: R * max(m, n), lambda m, n, k: k),
+                                                    ("columns", lambda m, n: R, lambda m, n, k: m * k),
+                                                    ("rows", lambda m, n: R, lambda m, n, k: k * n)])
+def test_state_bytes_coordinate_subsets(projector, kept, entries):
+    """int64 indices + AdamW moments of the kept entries + the step, per matrix."""
     model = micro_model()
-    opt = build(name, model, update_gap=2)
-    groups = param_groups(model)
-    blocks = groups[0]["blocks"]
-    for step in range(5):
+    opt = build("frugal", model, projector=projector, density=None, rank=R, update_gap=2)
+    train_steps(model, opt, range(3))
+    projected, plain = shapes(model)
+    expected = sum(8 * kept(m, n) + 2 * entries(m, n, kept(m, n)) * F32 + 4 for m, n in projected)
+    assert optimizer_state_bytes(opt) == expected + plain_bytes(plain) == opt.expected_state_bytes()
+
+
+@pytest.mark.parametrize("name,options", [("badam", {}), ("lisa", {"active_blocks": 1}),
+                                          ("lisa", {"active_blocks": 1, "moments": "reset"}), ("frugal", {})])
+def test_state_bytes_block_presets(name, options):
+    """Full AdamW state for the params of selected blocks (BAdam, FRUGAL: this period's; LISA: every block selected
+    so far, kept), for the plain params that train, and nothing else (BAdam's frozen embeddings and head)."""
+    model = micro_model()
+    opt = build(name, model, update_gap=2, **options)
+    group = opt.param_groups[0]
+    blocked = [p for g in opt.param_groups if g.get("project", True) for p in g["params"]]
+    plain = [p for g in opt.param_groups if not g.get("project", True) for p in g["params"]]
+    seen = set()
+    for step in range(6):
         train_steps(model, opt, range(step, step + 1))
-        period = step // 2
-        active = opt.param_groups[0]["block_ids"]
-        selected = [b for b in active if any(
-            opt.state[p].get("exp_avg") is not None for p, pb in zip(groups[0]["params"], blocks) if pb == b)]
-        assert len(selected) == 1
-        layer = sum(2 * p.numel() * F32 + 4 for p, b in zip(groups[0]["params"], blocks) if b == selected[0])
-        assert optimizer_state_bytes(opt) == layer + plain_bytes(shapes(model)[1]) == opt.expected_state_bytes(period)
+        period = opt._period(group, step)[0]
+        selected = opt._active(group, period)
+        seen |= selected
+        holding = {opt._block[p] for p in blocked if "exp_avg" in opt.state[p]}
+        assert holding == (seen if opt.param_groups[0]["moments"] == "keep" else selected)
+        held = [p for p in blocked + plain if "exp_avg" in opt.state[p]]
+        assert optimizer_state_bytes(opt) == sum(2 * p.numel() * F32 + 4 for p in held)
+        assert optimizer_state_bytes(opt) == opt.expected_state_bytes(period)
+    in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+    outside = [n for n, p in model.named_parameters() if id(p) not in in_optimizer]
+    assert outside == (["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] if name == "badam" else [])
 
 
-def test_badam_cycles_through_layers_in_order():
+@pytest.mark.parametrize("order,expected", [("descending", [{1}, {0}, {0}, {1}, {1}, {0}]),
+                                            ("ascending", [{0}, {1}, {1}, {0}, {0}, {1}])])
+def test_badam_cycles_through_layers_in_order(order, expected):
+    """BAdam switches after step k when (k + 1) % switch_block_every == 0: its first block trains one step less."""
     model = micro_model()
-    opt = build("badam", model, update_gap=1)
+    opt = build("badam", model, update_gap=2, block_order=order)
     group = opt.param_groups[0]
     seen = []
-    for step in range(4):
+    for step in range(6):
         train_steps(model, opt, range(step, step + 1))
         seen.append({opt._block[p] for p in group["params"] if "exp_avg" in opt.state[p]})
-    assert seen == [{0}, {1}, {0}, {1}]
+    assert seen == expected
 
 
 def test_meta_device_formula_needs_no_memory():
@@ -99,6 +124,7 @@ def snapshot(model, opt) -> bytes:
 @pytest.mark.parametrize("name,options", [
     ("galore", {"projector": "rsvd"}), ("fira", {}), ("frugal", {"projector": "random", "moments": "rotate"}),
     ("frugal", {"projector": "coordinates"}), ("badam", {"block_order": "random"}), ("lisa", {}),
+    ("frugal", {}), ("frugal", {"projector": "randk", "moments": "rotate"}), ("frugal", {"projector": "columns"}),
 ])
 def test_state_dict_round_trip_resumes_bit_exact(name, options):
     kw = {"update_gap": 2, "lr": 1e-2, **options, **({} if name in ("badam", "lisa") else {"rank": R})}

@@ -8,8 +8,8 @@
 from .blocks import BLOCK_SELECTORS
 from .optimizer import MOMENT_POLICIES, SplitOptimizer
 from .presets import PRESETS, build, param_groups
-from .projectors import PROJECTORS
+from .projectors import COORDINATE_SUBSETS, PROJECTORS
 from .rules import INNER_RULES, RESIDUAL_RULES
 
-__all__ = ["SplitOptimizer", "build", "param_groups", "PRESETS", "PROJECTORS", "BLOCK_SELECTORS", "INNER_RULES",
-           "RESIDUAL_RULES", "MOMENT_POLICIES"]
+__all__ = ["SplitOptimizer", "build", "param_groups", "PRESETS", "PROJECTORS", "COORDINATE_SUBSETS", "BLOCK_SELECTORS",
+           "INNER_RULES", "RESIDUAL_RULES", "MOMENT_POLICIES"]

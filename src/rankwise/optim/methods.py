@@ -54,22 +54,41 @@ def fira(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector:
     return SplitMethod("fira", **locals())
 
 
-@register("frugal", "optim", "FRUGAL: AdamW in a subspace, state-free signSGD on the residual")
-def frugal(rank: int = 128, update_gap: int = 200, scale: float = 1.0, projector: str = "svd",
-           residual: str = "signsgd", residual_lr_scale: float = 1.0, moments: str = "reset",
-           layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
-    return SplitMethod("frugal", **locals())
+@register("frugal", "optim", "FRUGAL: AdamW on a density fraction of the tensors (or a subspace), signSGD on the rest")
+def frugal(projector: str = "block", density: float | None = 0.25, rank: int | None = None, update_gap: int = 200,
+           block_order: str = "sample", residual: str = "signsgd", proj_params_lr_scale: float = 1.0,
+           inactive_lr_scale: float = 1.0, moments: str = "reset", layerwise: bool = False,
+           include_embeddings: bool = False, seed: int = 0) -> Method:
+    """FRUGAL's options by their names there: ``projector`` block (``--optimizer frugal`` = ``block_adamw``), svd /
+    random / coordinates (``galore_adamw`` with proj_type svd / random / randperm) or columns / rows / randk
+    (``coord_adamw``, the fine-tuning ``frugal``); ``residual`` = ``inactive_update_rule`` (signsgd, sgd, drop);
+    ``rank`` (subspace / coordinate modes) replaces ``density``. Active lr = lr * proj_params_lr_scale, state-free
+    lr = lr * proj_params_lr_scale * inactive_lr_scale."""
+    if rank is not None and projector not in ("block", "layers"):
+        density = None
+    options = dict(projector=projector, density=density, update_gap=update_gap, block_order=block_order,
+                   residual=residual, scale=proj_params_lr_scale,
+                   residual_lr_scale=proj_params_lr_scale * inactive_lr_scale, moments=moments, layerwise=layerwise,
+                   include_embeddings=include_embeddings, seed=seed)
+    if projector not in ("block", "layers"):
+        options["blocks"] = "linears"
+    return SplitMethod("frugal", **options, **({} if rank is None else {"rank": rank}))
 
 
-@register("badam", "optim", "BAdam: AdamW on one transformer layer at a time, cycling every update_gap steps")
-def badam(update_gap: int = 50, block_order: str = "ascending", residual: str = "drop", layerwise: bool = False,
+@register("badam", "optim", "BAdam: AdamW on one transformer layer at a time (norms included), the rest frozen")
+def badam(update_gap: int = 50, block_order: str = "descending", residual: str = "drop", outside: str = "freeze",
+          include_embeddings: bool = False, include_lm_head: bool = False, layerwise: bool = False,
           seed: int = 0) -> Method:
+    """badam's ``BlockOptimizer`` defaults: ``switch_block_every`` 50, ``switch_mode`` descending (its README
+    recommends random with 100), embeddings and head frozen (``outside="train"`` trains them with AdamW)."""
     return SplitMethod("badam", **locals())
 
 
 @register("lisa", "optim", "LISA: AdamW on randomly sampled layers (+ embeddings and head), resampled periodically")
-def lisa(update_gap: int = 20, active_blocks: int = 1, residual: str = "drop", layerwise: bool = False,
-         seed: int = 0) -> Method:
+def lisa(update_gap: int = 20, active_blocks: int = 2, moments: str = "keep", residual: str = "drop",
+         layerwise: bool = False, seed: int = 0) -> Method:
+    """LMFlow's ``lisa_interval_steps`` 20 and ``lisa_activated_layers`` 2 (its script: 1); ``moments="reset"``
+    frees a frozen layer's moments (LMFlow's torch AdamW keeps them)."""
     return SplitMethod("lisa", **locals())
 
 
@@ -77,6 +96,6 @@ def lisa(update_gap: int = 20, active_blocks: int = 1, residual: str = "drop", l
 def split(projector: str = "svd", inner: str = "adamw", residual: str = "drop", rank: int = 128,
           update_gap: int = 200, scale: float = 1.0, moments: str = "keep", residual_lr_scale: float = 1.0,
           power_iters: int = 2, oversample: int = 8, block_order: str = "ascending", active_blocks: int = 1,
-          momentum: float = 0.9, eps: float | None = None, layerwise: bool = False, include_embeddings: bool = False,
-          seed: int = 0) -> Method:
+          density: float | None = None, block_phase: int = 0, momentum: float = 0.9, eps: float | None = None,
+          layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
     return SplitMethod("split", **locals())

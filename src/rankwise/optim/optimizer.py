@@ -10,9 +10,12 @@ For a projected 2-D parameter with gradient G (canonical orientation Gt, (d, D),
                                                           (Fira's code subtracts scale * P g instead)
 
 Block selectors (``block``, ``layers``) replace P by all-or-nothing per parameter: a selected block gets the inner
-rule on its full gradient, the others only the residual rule. Parameters that are not projected (1-D ones, and any
-group with ``project=False``) get the inner rule on their full gradient — with ``inner="adamw"`` that is exactly
-``torch.optim.AdamW``, with ``inner="adamw_hf"`` transformers' ``AdamW`` (galore-torch's and Fira's arithmetic).
+rule on its full gradient (times ``scale``), the others only the residual rule; with ``residual="drop"`` an inactive
+block is frozen (no update, no weight decay). Coordinate subsets (``randk``, ``columns``, ``rows``) keep a random set
+of entries / columns / rows of the (m, n) gradient itself (FRUGAL's ``CoordinateProjector``). Parameters that are
+not projected (1-D ones, and any group with ``project=False``) get the inner rule on their full gradient — with
+``inner="adamw"`` that is exactly ``torch.optim.AdamW``, with ``inner="adamw_hf"`` transformers' ``AdamW``
+(galore-torch's and Fira's arithmetic).
 
 Weight decay: ``adam`` / ``sgd`` add ``wd * W`` to the gradient (L2); ``adamw`` scales ``W <- W (1 - lr wd)`` before
 the update (torch); ``adamw_hf`` applies ``W <- W - lr wd W`` to the updated weights (transformers).
@@ -32,8 +35,8 @@ import torch
 from torch import nn
 
 from ..errors import RankwiseError
-from .blocks import BLOCK_SELECTORS, Cycle, make_selector
-from .projectors import PROJECTORS, Projector, canonical, make_projector
+from .blocks import BLOCK_SELECTORS, ORDERS, make_selector
+from .projectors import COORDINATE_SUBSETS, PROJECTORS, Projector, canonical, make_projector
 from .rules import INNER_RULES, RESIDUAL_RULES, InnerRule, make_inner, make_residual
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
@@ -51,41 +54,50 @@ class SplitOptimizer(torch.optim.Optimizer):
     """Low-rank / block-sparse stateful updates plus a state-free residual, as a ``torch.optim.Optimizer``.
 
     Args (all also valid as param-group keys):
-        projector: ``svd``, ``rsvd``, ``random``, ``coordinates`` (per matrix) or ``block``, ``layers`` (per block).
+        projector: ``svd``, ``rsvd``, ``random``, ``coordinates`` (per matrix, canonical orientation), ``randk``,
+            ``columns``, ``rows`` (coordinate subsets of the gradient) or ``block``, ``layers`` (per block).
         inner: ``adamw`` (torch's arithmetic), ``adamw_hf`` (transformers', as in galore-torch / Fira), ``adam`` or
             ``sgd`` (momentum) — the stateful rule.
         residual: ``drop``, ``fira`` (Fira's code), ``fira_exact`` (its residual is G - P P^T G), ``signsgd`` or
             ``sgd`` — the rule on the part outside the subspace.
         rank: subspace dimension r, 1 <= r <= min(m, n) for every projected matrix.
+        density: FRUGAL's rho, instead of ``rank``/``active_blocks`` when set: rank = round(rho min(m, n)) per matrix;
+            int(rho length) entries / columns / rows for coordinate subsets; round(rho n) of the n blocks.
         update_gap: steps between refreshes of the subspace / block selection (GaLore's ``update_proj_gap``).
         scale: multiplier alpha of the back-projected inner update (GaLore's ``scale``; 0.25 in its recipe).
-        moments: on refresh, ``keep`` (GaLore, Fira), ``reset`` (FRUGAL, BAdam, LISA) or ``rotate`` into the new
-            basis (m <- R m, v <- (R*R) v, R = P_new^T P_old).
+        moments: on refresh, ``keep`` (GaLore, Fira), ``reset`` (FRUGAL, BAdam) or ``rotate`` into the new
+            basis (m <- R m, v <- (R*R) v, R = P_new^T P_old). Block selectors: ``reset`` frees an inactive block's
+            moments, ``keep`` leaves them untouched until it is selected again (LISA).
         residual_lr_scale: residual learning rate / lr (FRUGAL's ``inactive_lr_scale``).
         lr, betas, eps, weight_decay, momentum, nesterov: as in ``torch.optim`` (decoupled decay for ``adamw``,
             after the update for ``adamw_hf``).
-        power_iters, oversample: ``rsvd`` settings. block_order (ascending/descending/random), active_blocks: block
-            selector settings. seed: seeds random bases and block sampling (resume is bit-exact).
+        power_iters, oversample: ``rsvd`` settings. block_order (``blocks.ORDERS``), active_blocks: block selector
+            settings; block_phase: steps by which the first period is shorter (at most update_gap - 1; BAdam's
+            switch after step k when (k + 1) % switch_block_every == 0 is phase 1). seed: seeds random bases,
+            coordinates and block sampling (resume is bit-exact).
         project: per group; False = plain inner rule on full gradients. names / blocks: per group, one per param
-            (error messages; block ids for ``block``/``layers``, default one block per param).
+            (error messages; block ids for ``block``/``layers``, default one block per param). block_ids: per group,
+            the ids the selector chooses from (default: those of the group; groups sharing them share the choice).
         layerwise: update in post-accumulate-grad hooks (see module docstring).
     """
 
     def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], projector: str = "svd",
                  inner: str = "adamw", residual: str = "drop", rank: int = 128, update_gap: int = 200,
-                 scale: float = 1.0, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 scale: float = 1.0, density: float | None = None, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, moments: str = "keep",
                  residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
-                 block_order: str = "ascending", active_blocks: int = 1, seed: int = 0, project: bool = True,
-                 layerwise: bool = False):
+                 block_order: str = "ascending", active_blocks: int = 1, block_phase: int = 0, seed: int = 0,
+                 project: bool = True, layerwise: bool = False):
         self._index: dict[nn.Parameter, int] = {}
         self._block: dict[nn.Parameter, int] = {}
         self._group_of: dict[nn.Parameter, dict[str, Any]] = {}
+        self._selection: dict[int, tuple[int, set[int]]] = {}  # id(group) -> (period, active block ids)
         defaults = dict(projector=projector, inner=inner, residual=residual, rank=rank, update_gap=update_gap,
-                        scale=scale, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
+                        scale=scale, density=density, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        momentum=momentum, nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
                         power_iters=power_iters, oversample=oversample, block_order=block_order,
-                        active_blocks=active_blocks, seed=seed, project=project)
+                        active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project)
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self._hooks = []
@@ -109,13 +121,30 @@ class SplitOptimizer(torch.optim.Optimizer):
             self._block[p] = b
             self._group_of[p] = group
             if self._projected(p, group) and group["projector"] in PROJECTORS:
-                d = min(p.shape)
-                if not 1 <= group["rank"] <= d:
+                d, r = min(p.shape), self._rank(p, group)
+                if not 1 <= r <= d:
                     label = name or f"param #{self._index[p]}"
-                    raise RankwiseError(f"rank {group['rank']} is invalid for {label} of shape {tuple(p.shape)}: "
-                                        f"it must be between 1 and min(m, n) = {d}; lower --rank or leave this "
-                                        "parameter unprojected")
-        group["block_ids"] = sorted(set(blocks))
+                    what = f"rank {r}" if group["density"] is None else f"density {group['density']} (rank {r})"
+                    raise RankwiseError(f"{what} is invalid for {label} of shape {tuple(p.shape)}: the rank must be "
+                                        f"between 1 and min(m, n) = {d}; pass a smaller rank, or put this "
+                                        "parameter in a param group with project=False")
+            if self._projected(p, group) and group["projector"] in COORDINATE_SUBSETS:
+                sub = COORDINATE_SUBSETS[group["projector"]]
+                k, length = sub.count(p.shape, group["rank"], group["density"]), sub.length(p.shape)
+                if not 1 <= k <= length:
+                    label = name or f"param #{self._index[p]}"
+                    raise RankwiseError(f"projector {group['projector']!r} keeps {k} of the {length} "
+                                        f"{sub.unit} of {label} (shape {tuple(p.shape)}); it must keep between 1 and "
+                                        f"{length}: change rank or density")
+        ids = group.get("block_ids") or sorted(set(blocks))
+        if not set(blocks) <= set(ids):
+            raise RankwiseError(f"param group 'blocks' has ids {sorted(set(blocks) - set(ids))} missing from its "
+                                "'block_ids'")
+        group["block_ids"] = sorted(ids)
+        if group["projector"] in BLOCK_SELECTORS and group["project"]:  # a count that selects nothing fails here
+            make_selector(group["projector"], group["block_order"], group["active_blocks"], group["density"],
+                          len(ids)).active(group["block_ids"], 0, group["seed"])
+        self._selection = {}
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
@@ -123,11 +152,11 @@ class SplitOptimizer(torch.optim.Optimizer):
             if group[key] not in valid:
                 raise RankwiseError(f"unknown {key} {group[key]!r}; valid: {', '.join(valid)}")
 
-        choice("projector", [*PROJECTORS, *BLOCK_SELECTORS])
+        choice("projector", [*PROJECTORS, *COORDINATE_SUBSETS, *BLOCK_SELECTORS])
         choice("inner", INNER_RULES)
         choice("residual", RESIDUAL_RULES)
         choice("moments", MOMENT_POLICIES)
-        choice("block_order", Cycle.orders)
+        choice("block_order", ORDERS)
         for key in ("update_gap", "active_blocks", "power_iters"):
             if not isinstance(group[key], int) or group[key] < 1:
                 raise RankwiseError(f"{key} must be a positive integer, got {group[key]!r}")
@@ -139,13 +168,24 @@ class SplitOptimizer(torch.optim.Optimizer):
                                     f"got {value!r}")
         if not isinstance(group["rank"], int) or group["rank"] < 1:
             raise RankwiseError(f"rank must be a positive integer, got {group['rank']!r}")
-        if group["projector"] in BLOCK_SELECTORS:
-            if RESIDUAL_RULES[group["residual"]].needs_subspace:
-                raise RankwiseError(f"residual {group['residual']!r} needs a subspace projector "
-                                    f"({', '.join(PROJECTORS)}), not the block selector {group['projector']!r}")
-            if group["moments"] != "reset":
-                raise RankwiseError(f"block selector {group['projector']!r} frees the moments of inactive blocks: "
-                                    f"use moments='reset', not {group['moments']!r}")
+        rho = group["density"]
+        if rho is not None and (isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 1):
+            raise RankwiseError(f"density must be a number in (0, 1] (or None to use rank), got {rho!r}")
+        if not isinstance(group["block_phase"], int) or group["block_phase"] < 0:
+            raise RankwiseError(f"block_phase must be a non-negative integer, got {group['block_phase']!r}")
+        kind = ("block selector" if group["projector"] in BLOCK_SELECTORS else
+                "coordinate subset" if group["projector"] in COORDINATE_SUBSETS else None)
+        if kind is not None and RESIDUAL_RULES[group["residual"]].needs_subspace:
+            raise RankwiseError(f"residual {group['residual']!r} needs a subspace projector "
+                                f"({', '.join(PROJECTORS)}), not the {kind} {group['projector']!r}")
+        if group["projector"] in BLOCK_SELECTORS and group["moments"] == "rotate":
+            raise RankwiseError(f"block selector {group['projector']!r} has no basis to rotate moments into: use "
+                                "moments='reset' (free an inactive block's moments) or 'keep' (keep them)")
+
+    @staticmethod
+    def _rank(p: torch.Tensor, group: dict[str, Any]) -> int:
+        """r of a projected matrix: ``rank``, or round(density * min(m, n)) (FRUGAL's ``GaLoreProjector``)."""
+        return group["rank"] if group["density"] is None else round(group["density"] * min(p.shape))
 
     @staticmethod
     def _projected(p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -179,6 +219,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                 if torch.is_tensor(value) and not value.is_floating_point():
                     self.state[p][key] = value.to(p.device, copy=True)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._selection = {}
 
     def _hook(self, p: torch.Tensor) -> None:
         with torch.no_grad():
@@ -194,6 +235,10 @@ class SplitOptimizer(torch.optim.Optimizer):
             raise RankwiseError("SplitOptimizer does not support complex gradients; optimize the real and "
                                 "imaginary parts as separate real parameters (torch.view_as_real)")
         state = self.state[p]
+        t = state.get("updates", 0)
+        if self._frozen(p, group, state, t):  # an inactive block under residual 'drop': untouched, not even decayed
+            state["updates"] = t + 1
+            return
         inner = make_inner(group["inner"])
         lr, wd = group["lr"], group["weight_decay"]
         if wd and not inner.decay_after:
@@ -201,36 +246,92 @@ class SplitOptimizer(torch.optim.Optimizer):
                 g = g.add(p, alpha=wd)
             else:
                 p.mul_(1 - lr * wd)
-        t = state.get("updates", 0)
         if not self._projected(p, group):
             if "step" not in state:
                 inner.init(state, g)
             p.add_(inner.direction(g, state, group), alpha=-lr)
         elif group["projector"] in BLOCK_SELECTORS:
             self._block_update(p, g, state, group, inner, t)
+        elif group["projector"] in COORDINATE_SUBSETS:
+            self._coordinate_update(p, g, state, group, inner, t)
         else:
             self._subspace_update(p, g, state, group, inner, t)
         if wd and inner.decay_after:
             p.add_(p, alpha=-lr * wd)
         state["updates"] = t + 1
 
+    @staticmethod
+    def _period(group: dict[str, Any], t: int) -> tuple[int, int]:
+        """(period, step within it) of update ``t`` (0-based) for a block selector, with ``block_phase``."""
+        gap = group["update_gap"]
+        return divmod(t + min(group["block_phase"], gap - 1), gap)
+
+    def _active(self, group: dict[str, Any], period: int) -> set[int]:
+        """The block ids selected in ``period`` (cached per group: every param of a step asks for the same)."""
+        cached = self._selection.get(id(group))
+        if cached is None or cached[0] != period:
+            ids = group["block_ids"]
+            selector = make_selector(group["projector"], group["block_order"], group["active_blocks"],
+                                     group["density"], len(ids))
+            cached = self._selection[id(group)] = (period, selector.active(ids, period, group["seed"]))
+        return cached[1]
+
+    def _frozen(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], t: int) -> bool:
+        """True for a param of an inactive block when the residual rule is ``drop`` (its moments freed under
+        ``moments="reset"``, left untouched under ``"keep"``)."""
+        if group["projector"] not in BLOCK_SELECTORS or group["residual"] != "drop" or not self._projected(p, group):
+            return False
+        if self._block[p] in self._active(group, self._period(group, t)[0]):
+            return False
+        if group["moments"] == "reset":
+            make_inner(group["inner"]).drop(state)
+        return True
+
     def _block_update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                       inner: InnerRule, t: int) -> None:
-        period, offset = divmod(t, group["update_gap"])
-        selector = make_selector(group["projector"], group["block_order"], group["active_blocks"])
-        if self._block[p] in selector.active(group["block_ids"], period, group["seed"]):
-            if "step" not in state or offset == 0:
+        """Selected block: inner rule on the full gradient, W <- W - lr * scale * u (moments fresh at each period
+        under ``reset``). Inactive: W <- W - lr * residual_lr_scale * rho(G) (``drop`` never gets here)."""
+        period, offset = self._period(group, t)
+        if self._block[p] in self._active(group, period):
+            if "step" not in state or (offset == 0 and group["moments"] == "reset"):
                 inner.init(state, g)
-            p.add_(inner.direction(g, state, group), alpha=-group["lr"])
+            p.add_(inner.direction(g, state, group), alpha=-group["lr"] * group["scale"])
             return
-        inner.drop(state)
+        if group["moments"] == "reset":
+            inner.drop(state)
+        direction = make_residual(group["residual"]).direction(g, None, None, state, group)
+        p.add_(direction, alpha=-group["lr"] * group["residual_lr_scale"])
+
+    def _coordinate_update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                           inner: InnerRule, t: int) -> None:
+        """FRUGAL's RandK / column / row projection (``coordinate_projector.py``) on the (m, n) gradient G: every
+        ``update_gap`` steps a random index set S is drawn; u = inner(G_S); W_S <- W_S - lr * scale * u and
+        W <- W - lr * residual_lr_scale * rho(G with G_S = 0)."""
+        sub = COORDINATE_SUBSETS[group["projector"]]
+        refresh = t % group["update_gap"] == 0
+        if refresh:
+            old = state.get("index")
+            k = sub.count(p.shape, group["rank"], group["density"])
+            state["index"] = sub.pick(p.shape, k, _mix(group["seed"], self._index[p], t // group["update_gap"]),
+                                      g.device)
+        idx = state["index"]
+        low = sub.down(g, idx)
+        if "step" not in state:
+            inner.init(state, low)
+        elif refresh and group["moments"] == "reset":
+            inner.reset(state)
+        elif refresh and group["moments"] == "rotate":
+            for key in inner.moments:
+                state[key] = sub.carry(state[key], old, idx, p.shape)
+        sub.add_(p, idx, inner.direction(low, state, group), -group["lr"] * group["scale"])
         if group["residual"] != "drop":
-            direction = make_residual(group["residual"]).direction(g, None, None, state, group)
+            resid = sub.zero(g, idx)
+            direction = make_residual(group["residual"]).direction(resid, low, None, state, group)
             p.add_(direction, alpha=-group["lr"] * group["residual_lr_scale"])
 
     def _subspace_update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                          inner: InnerRule, t: int) -> None:
-        proj: Projector = make_projector(group["projector"], group["rank"], **(
+        proj: Projector = make_projector(group["projector"], self._rank(p, group), **(
             {"power_iters": group["power_iters"], "oversample": group["oversample"]}
             if group["projector"] == "rsvd" else {}))
         gt = canonical(g)
@@ -277,23 +378,32 @@ class SplitOptimizer(torch.optim.Optimizer):
         Per parameter with element size s: a float32 ``step`` (4 B) with every set of moments; plain params
         k * numel * s (k = 2 for Adam/AdamW, 1 for SGD-momentum); projected (m, n), d = min, D = max:
         basis d * r * s (svd, rsvd) / 0 (random: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
-        (+ max(4, s) B for ``fira``'s limiter); block selectors: k * numel * s + 4 for params of selected blocks,
-        else 0.
+        (+ max(4, s) B for ``fira``'s limiter); coordinate subsets: 8 B per kept index + k * kept entries * s + 4;
+        block selectors: k * numel * s + 4 for params of the blocks selected in ``period`` (``moments="keep"``: in
+        any period up to ``period``), else 0.
         """
         total = 0
         for group in self.param_groups:
             k = len(INNER_RULES[group["inner"]].moments)
-            selector = (make_selector(group["projector"], group["block_order"], group["active_blocks"])
-                        if group["projector"] in BLOCK_SELECTORS else None)
-            active = selector.active(group["block_ids"], period, group["seed"]) if selector else set()
+            active: set[int] = set()
+            if group["projector"] in BLOCK_SELECTORS and group["project"]:
+                ids = set(group["block_ids"])
+                for past in range(period, -1 if group["moments"] == "keep" else period - 1, -1):
+                    active |= self._active(group, past)
+                    if active == ids:
+                        break
             for p in group["params"]:
                 s, n = p.element_size(), p.numel()
                 if not self._projected(p, group):
                     total += k * n * s + 4
-                elif selector is not None:
+                elif group["projector"] in BLOCK_SELECTORS:
                     total += (k * n * s + 4) if self._block[p] in active else 0
+                elif group["projector"] in COORDINATE_SUBSETS:
+                    sub = COORDINATE_SUBSETS[group["projector"]]
+                    kept = sub.count(p.shape, group["rank"], group["density"])
+                    total += 8 * kept + k * sub.entries(p.shape, kept) * s + 4
                 else:
-                    d, big, r = min(p.shape), max(p.shape), group["rank"]
+                    d, big, r = min(p.shape), max(p.shape), self._rank(p, group)
                     basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "coordinates": 8 * r}
                     total += basis[group["projector"]] + k * r * big * s + 4
                     total += max(4, s) * len(RESIDUAL_RULES[group["residual"]].state_keys)  # >= fp32 scalars

@@ -17,8 +17,12 @@ svd        top-r singular vectors of G on its smaller   ``basis`` d x r
 rsvd       randomized range finder, q power iterations, ``basis`` d x r
            warm-started from the previous basis
 random     orthonormalized Gaussian (seeded)            ``seed`` (a Python int)
-coordinates r of the d rows of Gt (FRUGAL's RandK)       ``index`` r int64
+coordinates r of the d rows of Gt (FRUGAL's ``randperm``)  ``index`` r int64
 ========== ============================================ =========================
+
+Coordinate subsets (``COORDINATE_SUBSETS``) keep a random index set S of the (m, n) gradient in its own orientation,
+as FRUGAL's ``CoordinateProjector`` does: ``randk`` (single entries, RandK), ``columns`` (FRUGAL's ``coord_choice``
+default) and ``rows``; S is stored as ``index`` (int64) and redrawn every ``update_gap`` steps.
 """
 
 from __future__ import annotations
@@ -151,7 +155,8 @@ class RandomGaussian(Projector):
 
 
 class Coordinates(Projector):
-    """A random subset of r rows of Gt (FRUGAL's RandK "coordinates" projection, arXiv 2411.07837): P = I[:, idx].
+    """A random subset of r rows of Gt, P = I[:, idx]: FRUGAL's ``GaLoreProjector(proj_type="randperm")`` (r of the
+    columns of G when m >= n, of its rows otherwise; arXiv 2411.07837). Single entries: ``randk``.
     Projection is indexing, no matmul; with r = d it is a permutation, so Adam (elementwise) on the projected gradient
     is exactly Adam."""
 
@@ -180,8 +185,67 @@ class Coordinates(Projector):
 PROJECTORS: dict[str, type[Projector]] = {p.name: p for p in (SVD, RandomizedSVD, RandomGaussian, Coordinates)}
 
 
+class CoordinateSubset:
+    """A random index set S along one axis of G (m, n) (``dim`` 0: rows, 1: columns) or over its flattened entries
+    (``dim`` None: RandK): G_S is ``down``, the update goes back with ``add_``, the residual is G with G_S zeroed.
+    FRUGAL (arXiv 2411.07837, ``frugal/coordinate_projector.py``) keeps int(rho * length) of them."""
+
+    def __init__(self, name: str, dim: int | None, unit: str):
+        self.name, self.dim, self.unit = name, dim, unit
+
+    def length(self, shape: torch.Size) -> int:
+        """How many units (entries, columns or rows) there are to choose from."""
+        return shape[0] * shape[1] if self.dim is None else shape[self.dim]
+
+    def count(self, shape: torch.Size, rank: int, density: float | None) -> int:
+        """|S|: int(density * length) (FRUGAL), else ``rank`` columns / rows, or rank * max(m, n) entries for RandK
+        (as many as a rank-r projection keeps)."""
+        if density is not None:
+            return int(self.length(shape) * density)
+        return rank * max(shape) if self.dim is None else rank
+
+    def entries(self, shape: torch.Size, k: int) -> int:
+        """Numel of G_S for |S| = k."""
+        return k if self.dim is None else k * shape[1 - self.dim]
+
+    def pick(self, shape: torch.Size, k: int, seed: int, device: torch.device) -> torch.Tensor:
+        perm = torch.randperm(self.length(shape), generator=generator(torch.device("cpu"), seed))
+        return perm[:k].to(device)
+
+    def down(self, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return g.reshape(-1).index_select(0, idx) if self.dim is None else g.index_select(self.dim, idx)
+
+    def add_(self, p: torch.Tensor, idx: torch.Tensor, low: torch.Tensor, alpha: float) -> None:
+        """p_S += alpha * low."""
+        if self.dim is None:
+            p.view(-1).index_add_(0, idx, low, alpha=alpha)
+        else:
+            p.index_add_(self.dim, idx, low, alpha=alpha)
+
+    def zero(self, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """G with G_S = 0 (a new tensor)."""
+        if self.dim is None:
+            return g.reshape(-1).index_fill(0, idx, 0).view_as(g)
+        return g.index_fill(self.dim, idx, 0)
+
+    def carry(self, moment: torch.Tensor, old: torch.Tensor, new: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A moment of S_old re-expressed on S_new (``moments="rotate"``): kept where an index is in both, zero for
+        new ones (R = P_new^T P_old for 0/1 bases; exact for both moments)."""
+        full_shape = (self.length(shape),) + ((() if self.dim is None else (shape[1 - self.dim],)))
+        if self.dim == 1:
+            moment = moment.t()
+        full = moment.new_zeros(full_shape).index_copy_(0, old, moment).index_select(0, new)
+        return full.t().contiguous() if self.dim == 1 else full
+
+
+COORDINATE_SUBSETS: dict[str, CoordinateSubset] = {c.name: c for c in (
+    CoordinateSubset("randk", None, "entries"), CoordinateSubset("columns", 1, "columns"),
+    CoordinateSubset("rows", 0, "rows"))}
+
+
 def make_projector(name: str, rank: int, **options: Any) -> Projector:
     if name not in PROJECTORS:
         raise RankwiseError(f"unknown projector {name!r}; valid projectors: {', '.join(PROJECTORS)} "
-                            "(and the block selectors block, layers)")
+                            f"(and the coordinate subsets {', '.join(COORDINATE_SUBSETS)}, the block selectors block, "
+                            "layers)")
     return PROJECTORS[name](rank, **options)
