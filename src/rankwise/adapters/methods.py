@@ -165,9 +165,11 @@ def _lora_pro_lite(r: int | None = None, rank: int | None = None, alpha: float =
 
 @register("altlora", "adapters", "AltLoRA: alternating projected momentum updates of A and B (switch every 10)")
 def _altlora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
-             dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, reg: float = 1e-5,
+             dropout: float = 0.0, seed: int = 0, lr_scale: float = 100.0, reg: float = 1e-5,
              alternate_every: int = 10) -> Method:
     """The reference optimizer: first moment only (beta = the loop's beta1), momentum transported at each update;
-    ``alternate_every=0`` updates both factors every step."""
+    ``alternate_every=0`` updates both factors every step. With no second moment the step is ``lr`` times the
+    preconditioned gradient, not an Adam-sized step, so the loop's Adam learning rate is scaled by
+    ``lr_scale=100`` (the reference has no such factor: its ``lr`` is this method's ``lr * lr_scale``)."""
     return AdapterMethod("lora", correction="altlora", correction_options=dict(reg=reg,
                          alternate_every=alternate_every), **_common(r, rank, alpha, target, dropout, seed, lr_scale))
