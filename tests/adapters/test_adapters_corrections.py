@@ -3,6 +3,8 @@ identities; the step-for-step comparisons with the references are in tests/refer
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -111,3 +113,46 @@ def test_wrappers_share_state_with_scheduler_and_checkpoints():
     assert fresh.steps == 1 and torch.equal(fresh.state[lora.lora_A]["exp_avg"], opt.state[lora.lora_A]["exp_avg"])
     with pytest.raises(RankwiseError, match="corrects LoRA factors"):
         LoRAProLite(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), [])
+
+
+def _fit(lora: LoRA, opt, base: torch.nn.Linear, x: torch.Tensor, target: torch.Tensor, steps: range) -> None:
+    wrapped = AdapterLinear(base)
+    wrapped.adapters["default"] = lora
+    wrapped.active = ["default"]
+    for i in steps:
+        opt.zero_grad()
+        ((wrapped(x[i]) - target[i]) ** 2).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, lo: LoRAPro(ps, lo, lr=1e-2),
+    lambda ps, lo: AltLoRA(ps, lo, lr=1e-2, alternate_every=2),
+], ids=["lora-pro", "altlora"])
+def test_faithful_optimizers_resume_exactly_from_a_state_dict(make):
+    _, lora, _, _ = layer(4)
+    base = torch.nn.Linear(IN, OUT).double().requires_grad_(False)
+    x, target = torch.randn(6, 16, IN, dtype=torch.float64), torch.randn(6, 16, OUT, dtype=torch.float64)
+    straight = copy.deepcopy(lora)
+    _fit(straight, make(list(straight.parameters()), [straight]), base, x, target, range(6))
+    first = copy.deepcopy(lora)
+    opt = make(list(first.parameters()), [first])
+    _fit(first, opt, base, x, target, range(3))
+    second = copy.deepcopy(first)  # a fresh process: new factors, new optimizer, state from the checkpoint
+    resumed = make(list(second.parameters()), [second])
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _fit(second, resumed, base, x, target, range(3, 6))  # crosses AltLoRA's switches at steps 2 and 4
+    assert torch.equal(second.lora_A, straight.lora_A) and torch.equal(second.lora_B, straight.lora_B)
+    assert not torch.equal(second.lora_A, lora.lora_A)
+
+
+def test_lora_pro_state_keeps_fp32_moments_for_bf16_factors_across_a_load():
+    _, lora, _, _ = layer(5)
+    lora = lora.to(torch.bfloat16)
+    lora.lora_A.grad, lora.lora_B.grad = torch.randn_like(lora.lora_A), torch.randn_like(lora.lora_B)
+    opt = LoRAPro(list(lora.parameters()), [lora])
+    opt.step()
+    fresh = LoRAPro(list(lora.parameters()), [lora])
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[lora.lora_A]["exp_avg"].dtype == torch.float32
+    assert torch.equal(fresh.state[lora.lora_A]["exp_avg_sq"], opt.state[lora.lora_A]["exp_avg_sq"])

@@ -7,8 +7,8 @@ factor step ``(dA, dB)`` moves ``W`` by ``s (B dA + dB A)`` (first order). Notat
   ``DeepSpeed-0.15.1/deepspeed/runtime/zero/stage_1_and_2.py``): each step forms the equivalent gradient
   ``g~ = s (B g_A' + g_B' A)`` from the ``X = 0`` adjusted gradients, keeps Adam moments of that ``m x n`` matrix,
   turns the Adam direction ``D`` back into factor gradients ``s B^T D``, ``s D A^T``, adjusts them with the optimal
-  ``X`` (Sylvester equation ``B^T B X + X A A^T = -(1/s^2) (B^T B)^-1 B^T D A^T``, the ``s`` factors cancelling) and
-  takes an SGD step on ``A`` and ``B``. State: two ``m x n`` moments per layer (full fine-tuning's).
+  ``X`` (Sylvester equation ``B^T B X + X A A^T = -(1/s) (B^T B)^-1 B^T D A^T``) and takes an SGD step on ``A`` and
+  ``B``. State: two ``m x n`` moments per layer (full fine-tuning's).
 - ``LoRAProLite``: the memory-light variant, the ``X = 0`` adjusted gradients fed to a wrapped optimizer (AdamW on
   the factors): ``g_A' = (B^T B)^+ g_A / s^2``, ``g_B' = (I - P_B) g_B (A A^T)^+ / s^2``.
 - ``AltLoRA`` (Yu et al. 2025, Algorithm 1; reference: LucasXinYu/AltLoRA, class ``altlora`` in
@@ -136,6 +136,18 @@ class _FactorOptimizer(torch.optim.Optimizer):
             raise RankwiseError(f"{type(self).__name__}: {len(missing)} of the given LoRA adapters have factors "
                                 "outside the optimizer's parameters; pass all of lora_A and lora_B")
         self.loras = loras
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the state keeps its saved dtypes: torch would cast the fp32 moments (and counters) of
+        bf16 factors to bf16."""
+        super().load_state_dict(state_dict)
+        params = {i: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
+                  for i, p in zip(saved["params"], group["params"])}
+        for i, saved in state_dict["state"].items():
+            p = params[i]
+            for key, value in saved.items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
 
 def _sylvester(p: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
