@@ -13,7 +13,7 @@ from rankwise.cli.main import main
 from rankwise.errors import RankwiseError
 
 ADAPTER_METHODS = {"lora", "rslora", "pissa", "lora-ga", "lora-xs", "lora-sb", "nola", "vera", "randlora",
-                   "lora-pro", "altlora"}
+                   "lora-pro", "lora-pro-lite", "altlora"}
 
 
 def test_methods_lists_every_variant(capsys):
@@ -34,12 +34,19 @@ def test_rank_alias_and_conflict():
         methods.get("lora-ga", r=4).prepare(small_model())
 
 
-def test_lora_pro_method_builds_the_correction_wrapper():
-    method = methods.get("lora-pro", r=4)
+def test_lora_pro_methods_build_their_optimizers():
+    method = methods.get("lora-pro", r=4, bias_step_offset=1)
     model = method.prepare(small_model())
     opt = method.build_optimizer(model, methods.OptimConfig(lr=1e-3))
-    assert isinstance(opt, adapters.LoRAPro)
+    assert isinstance(opt, adapters.LoRAPro) and opt.bias_step_offset == 1 and len(opt.loras) == 4
+    method = methods.get("lora-pro-lite", r=4)
+    opt = method.build_optimizer(method.prepare(small_model()), methods.OptimConfig(lr=1e-3))
+    assert isinstance(opt, adapters.LoRAProLite)
     assert [len(g) for g in opt.shape_groups] == [4]  # q_proj, v_proj of both layers: one batched solve
+    method = methods.get("altlora", r=4, alternate_every=5)
+    opt = method.build_optimizer(method.prepare(small_model()), methods.OptimConfig(lr=1e-3, betas=(0.8, 0.9)))
+    assert isinstance(opt, adapters.AltLoRA) and opt.alternate_every == 5
+    assert opt.param_groups[0]["beta"] == 0.8
 
 
 def test_merge_command_writes_a_plain_model(tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 ``prepare`` injects the adapter (freezing the base), gradient-based inits (LoRA-GA, LoRA-SB) use the batches the
 loop passes to ``calibrate``, and ``build_optimizer`` builds AdamW over the adapter parameters (learning rate times
-``lr_scale``), wrapped by LoRA-Pro / AltLoRA for the gradient-corrected methods.
+``lr_scale``); the gradient-corrected methods get their own optimizers (LoRA-Pro, AltLoRA) or wrap AdamW
+(LoRA-Pro-lite).
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from torch import nn
 
 from ..errors import RankwiseError
 from ..methods import Method, OptimConfig, decay_groups, register
-from .corrections import AltLoRA, LoRAPro
+from .corrections import AltLoRA, LoRAPro, LoRAProLite
 from .inject import active_parameterizations, apply, find_targets
 from .inits import calibration_gradients, init_lora_ga, init_lora_sb, init_pissa
 from .lora import LoRA
 
 DEFAULT_TARGET = "q_proj,v_proj"
-CORRECTIONS = {"lora-pro": LoRAPro, "altlora": AltLoRA}
 
 
 def resolve_rank(r: int | None, rank: int | None, default: int = 8) -> int:
@@ -37,7 +37,8 @@ class AdapterMethod(Method):
 
     def __init__(self, kind: str, r: int, alpha: float, target: str, dropout: float, seed: int, lr_scale: float,
                  init: str | None = None, correction: str | None = None, calibration_batches: int = 0,
-                 init_options: dict[str, Any] | None = None, **options: Any):
+                 init_options: dict[str, Any] | None = None, correction_options: dict[str, Any] | None = None,
+                 **options: Any):
         if not lr_scale > 0:
             raise RankwiseError(f"lr_scale must be > 0, got {lr_scale}")
         if calibration_batches < 0:
@@ -45,6 +46,7 @@ class AdapterMethod(Method):
         self.kind, self.init, self.correction, self.lr_scale = kind, init, correction, lr_scale
         self.apply_options = dict(r=r, alpha=alpha, target=target, dropout=dropout, seed=seed, **options)
         self.init_options = init_options or {}
+        self.correction_options = correction_options or {}
         self.calibration_batches = calibration_batches
         self.grads: dict[str, torch.Tensor] | None = None
 
@@ -67,12 +69,15 @@ class AdapterMethod(Method):
         return model
 
     def build_optimizer(self, model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-        opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr * self.lr_scale, betas=cfg.betas,
-                                eps=cfg.eps)
+        groups, lr = decay_groups(model, cfg.weight_decay), cfg.lr * self.lr_scale
         if self.correction is None:
-            return opt
+            return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
         loras = [m for m in active_parameterizations(model).values() if isinstance(m, LoRA)]
-        return CORRECTIONS[self.correction](opt, loras)
+        if self.correction == "lora-pro":
+            return LoRAPro(groups, loras, lr=lr, betas=cfg.betas, eps=cfg.eps, **self.correction_options)
+        if self.correction == "altlora":
+            return AltLoRA(groups, loras, lr=lr, beta=cfg.betas[0], **self.correction_options)
+        return LoRAProLite(torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps), loras)
 
 
 def _common(r, rank, alpha, target, dropout, seed, lr_scale, default_r: int = 8) -> dict[str, Any]:
@@ -140,13 +145,31 @@ def _randlora(r: int | None = None, rank: int | None = None, alpha: float = 16.0
     return AdapterMethod("randlora", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
 
 
-@register("lora-pro", "adapters", "LoRA-Pro: LoRA gradients corrected to best approximate the full gradient")
+@register("lora-pro", "adapters", "LoRA-Pro: Adam on the equivalent full gradient, re-projected onto the factors")
 def _lora_pro(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
-              dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
-    return AdapterMethod("lora", correction="lora-pro", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+              dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, delta: float = 1e-8,
+              bias_step_offset: int = 0) -> Method:
+    """The paper's algorithm (Adam moments of the m x n equivalent gradient, optimal X, SGD step on A and B):
+    full fine-tuning's optimizer memory. ``bias_step_offset=1`` reproduces the reference code's bias correction."""
+    return AdapterMethod("lora", correction="lora-pro", correction_options=dict(delta=delta,
+                         bias_step_offset=bias_step_offset), **_common(r, rank, alpha, target, dropout, seed, lr_scale))
 
 
-@register("altlora", "adapters", "AltLoRA: alternating projected updates of B and A")
+@register("lora-pro-lite", "adapters", "LoRA-Pro's X = 0 adjusted factor gradients stepped by AdamW (LoRA memory)")
+def _lora_pro_lite(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+                   dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+    """Not the paper's algorithm; see docs/adapters.md for its measured quality."""
+    return AdapterMethod("lora", correction="lora-pro-lite", **_common(r, rank, alpha, target, dropout, seed,
+                                                                       lr_scale))
+
+
+@register("altlora", "adapters", "AltLoRA: alternating projected momentum updates of A and B (switch every 10)")
 def _altlora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
-             dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
-    return AdapterMethod("lora", correction="altlora", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+             dropout: float = 0.0, seed: int = 0, lr_scale: float = 100.0, reg: float = 1e-5,
+             alternate_every: int = 10) -> Method:
+    """The reference optimizer: first moment only (beta = the loop's beta1), momentum transported at each update;
+    ``alternate_every=0`` updates both factors every step. With no second moment the step is ``lr`` times the
+    preconditioned gradient, not an Adam-sized step, so the loop's Adam learning rate is scaled by
+    ``lr_scale=100`` (the reference has no such factor: its ``lr`` is this method's ``lr * lr_scale``)."""
+    return AdapterMethod("lora", correction="altlora", correction_options=dict(reg=reg,
+                         alternate_every=alternate_every), **_common(r, rank, alpha, target, dropout, seed, lr_scale))

@@ -3,6 +3,7 @@
 - ``LowRankLinear``: ``W = B A`` with ``B`` (out x r), ``A`` (r x in): ``r (in + out)`` parameters.
 - ``SparseLowRankLinear`` (SLTrain, Han et al. 2024): ``W = (alpha / r) B A + S`` where ``S`` has a random, fixed
   support of ``floor(delta * out * in)`` entries; only its values (and their flat indices, a buffer) are stored.
+  Optionally ``tanh(c) B A + S`` with a trained scalar ``c`` (``trainable_scaling``).
 - ``ReLoRALinear`` (ReLoRA, Lialin et al. 2023): ``W + (alpha / r) B A`` with ``W`` frozen; ``merge_and_reinit``
   folds ``B A`` into ``W`` and restarts the factors (``B = 0``), which leaves the function unchanged.
 
@@ -116,21 +117,27 @@ class SparseLowRankLinear(nn.Module):
     """SLTrain: ``W = (alpha / r) B A + S``, ``S`` supported on ``floor(delta * out * in)`` random fixed positions.
 
     Stored: ``lora_B`` (out x r, zeros), ``lora_A`` (r x in) and ``sparse_values`` (nnz) as parameters initialised
-    like ``nn.Linear`` (U(+-1/sqrt(in))), and ``sparse_indices`` (nnz flat row-major positions, sorted, int32 when
-    they fit) as a buffer: no dense mask anywhere. Defaults follow SLTrain's scripts (r=128, alpha=32, delta=0.03).
+    like ``nn.Linear`` (U(+-1/sqrt(in))), ``sparse_indices`` (nnz flat row-major positions, sorted, int32 when they
+    fit) as a buffer: no dense mask anywhere; the bias, if any, is U(+-1/sqrt(out)). Initialised as SLTrain's
+    ``SpLoRaLinear`` (andyjm3/SLTrain, ``splora/splora_linear.py``), drawing from the global generator in its
+    order (bias, A, support, values), so the same seed gives the same layer. ``trainable_scaling`` replaces
+    ``alpha / r`` by ``tanh(c)``, ``c`` a trained scalar starting at 1 (the reference's option of that name).
+    Defaults follow SLTrain's scripts (r=128, alpha=32, delta=0.03).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, density: float = 0.03, alpha: float = 32.0,
-                 bias: bool = False, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 bias: bool = False, trainable_scaling: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.density, self.alpha, self.scale = density, alpha, alpha / rank
+        self.density, self.alpha, self.trainable_scaling = density, alpha, trainable_scaling
         kw = {"device": device, "dtype": dtype}
         numel = in_features * out_features
         nnz = int(density * numel)
+        self.bias = nn.Parameter(_kaiming_uniform_(torch.empty(out_features, **kw), out_features)) if bias else None
         self.lora_A = nn.Parameter(_kaiming_uniform_(torch.empty(rank, in_features, **kw), in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **kw))
-        self.sparse_values = nn.Parameter(_kaiming_uniform_(torch.empty(nnz, **kw), in_features))
+        self.scaling = nn.Parameter(torch.ones(1, **kw)) if trainable_scaling else None
         index_dtype = torch.int32 if numel < 2**31 else torch.int64
         if self.lora_A.device.type == "meta":
             indices = torch.empty(nnz, dtype=index_dtype, device="meta")
@@ -138,22 +145,35 @@ class SparseLowRankLinear(nn.Module):
             perm = torch.randperm(numel)[:nnz]
             indices = perm.sort().values.to(device=self.lora_A.device, dtype=index_dtype)
         self.register_buffer("sparse_indices", indices)
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.sparse_values = nn.Parameter(_kaiming_uniform_(torch.empty(nnz, **kw), in_features))
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r``, or ``tanh(c)`` with ``trainable_scaling`` (as a float: for reading, not for autograd)."""
+        return self.scaling.tanh().item() if self.scaling is not None else self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SparseLowRankFunction.apply(x, self.lora_B, self.lora_A, self.sparse_values, self.sparse_indices,
-                                            self.bias, self.scale, _compute_dtype(x))
+        if self.scaling is None:
+            A, scale = self.lora_A, self.alpha / self.rank
+        else:  # the reference's form: the scale folded into A, so autograd gives dc
+            A, scale = self.lora_A * self.scaling.tanh().to(self.lora_A.dtype), 1.0
+        return _SparseLowRankFunction.apply(x, self.lora_B, A, self.sparse_values, self.sparse_indices,
+                                            self.bias, scale, _compute_dtype(x))
 
     def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         return self.lora_B, self.lora_A
 
     def dense_weight(self) -> torch.Tensor:
-        return _compose(self.lora_B, self.lora_A, self.sparse_values, self.sparse_indices, self.scale,
-                        self.lora_A.dtype)
+        if self.scaling is None:
+            return _compose(self.lora_B, self.lora_A, self.sparse_values, self.sparse_indices,
+                            self.alpha / self.rank, self.lora_A.dtype)
+        return _compose(self.lora_B, self.lora_A * self.scaling.tanh(), self.sparse_values, self.sparse_indices,
+                        1.0, self.lora_A.dtype)
 
     def extra_repr(self) -> str:
+        scale = "tanh(trained)" if self.trainable_scaling else f"alpha={self.alpha}"
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
-               f"density={self.density}, nnz={self.sparse_values.numel()}, alpha={self.alpha}"
+               f"density={self.density}, nnz={self.sparse_values.numel()}, {scale}"
 
 
 class ReLoRALinear(nn.Module):

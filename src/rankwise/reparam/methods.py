@@ -65,18 +65,19 @@ class LowRankMethod(ReparamMethod):
 
 
 class SLTrainMethod(ReparamMethod):
-    def __init__(self, rank: int, density: float, alpha: float, target: str):
+    def __init__(self, rank: int, density: float, alpha: float, target: str, trainable_scaling: bool = False):
         if not 0 < density < 1:
             raise RankwiseError(f"density must be in (0, 1), got {density}")
         if not alpha > 0:
             raise RankwiseError(f"alpha must be > 0, got {alpha}")
         super().__init__(rank, target)
-        self.density, self.alpha = density, alpha
+        self.density, self.alpha, self.trainable_scaling = density, alpha, trainable_scaling
 
     def build_layer(self, linear: nn.Linear, model: nn.Module) -> nn.Module:
         w = linear.weight
         return SparseLowRankLinear(linear.in_features, linear.out_features, self.rank, self.density, self.alpha,
-                                   bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+                                   bias=linear.bias is not None, trainable_scaling=self.trainable_scaling,
+                                   device=w.device, dtype=w.dtype)
 
 
 class ReLoRAMethod(ReparamMethod):
@@ -150,5 +151,8 @@ def relora(rank: int = 128, alpha: float = 32.0, reset_every: int = 1000, restar
 
 
 @register("sltrain", "reparam", "SLTrain: W = (alpha/r) B A + S, S sparse on a random fixed support (density)")
-def sltrain(rank: int = 128, density: float = 0.03, alpha: float = 32.0, target: str = "attn,mlp") -> Method:
-    return SLTrainMethod(rank, density, alpha, target)
+def sltrain(rank: int = 128, density: float = 0.03, alpha: float = 32.0, target: str = "attn,attention,mlp",
+            trainable_scaling: bool = False) -> Method:
+    """SLTrain's ``SpLoRaModel``: the linears whose names contain attn / attention / mlp; ``trainable_scaling``
+    trains ``tanh(c)`` in place of ``alpha / r``."""
+    return SLTrainMethod(rank, density, alpha, target, trainable_scaling)
