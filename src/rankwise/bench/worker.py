@@ -5,8 +5,11 @@ Each method runs in a fresh process (by default) so that its peak memory and thr
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,6 +20,19 @@ import torch
 from ..atomic import write_json_atomic
 from ..errors import RankwiseError
 from .budget import optimizer_state_estimate
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux); exit now if the parent is already gone
+    (it died while this process was starting, before the death signal was armed)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def memory_breakdown(model: torch.nn.Module, optimizer_state_bytes: int) -> dict[str, int]:
@@ -42,7 +58,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     except RankwiseError:  # no shape formula for this optimizer: the exact final bytes
         optimizer_state = m["optimizer_state_bytes"]
     record = {
-        "label": job["label"], "method": cfg.method, "options": m["config"]["method_options"], "lr": cfg.lr,
+        "label": job["label"], "group": job.get("group", job["label"]), "budget": job.get("budget"),
+        "seed": cfg.seed, "method": cfg.method, "options": m["config"]["method_options"], "lr": cfg.lr,
         "initial_eval_loss": m["initial_eval_loss"], "eval_loss": m["final_eval_loss"], "eval_ppl": m["eval_ppl"],
         "final_train_loss": m["final_train_loss"], "trainable_params": m["trainable_params"],
         "total_params": m["total_params"], "tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"],
