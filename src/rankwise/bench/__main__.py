@@ -7,7 +7,8 @@ worker writing into the folder that its rerun reuses.
 
 import sys
 
-from .worker import die_with_parent, main
+from .lifeline import die_with_parent
+from .worker import main
 
 if len(sys.argv) >= 4 and sys.argv[2] == "--parent":
     die_with_parent(int(sys.argv[3]))

@@ -232,7 +232,7 @@ def train_config(preset: BenchPreset, entry: Entry, cfg: BenchConfig, lr: float 
     base.validate()
     positions = _positions(base.preset, base.vocab_size)
     if positions is not None and base.seq_len > positions:
-        raise RankwiseError(f"seq_len {base.seq_len} is longer than model {base.preset!r}'s {positions} positions; "
+        raise RankwiseError(f"seq_len {base.seq_len} is longer than the {positions} positions of model {base.preset!r}; "
                             f"use --seq-len {positions} or less")
     return base
 

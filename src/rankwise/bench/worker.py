@@ -5,11 +5,8 @@ Each method runs in a fresh process (by default) so that its peak memory and thr
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,20 +17,6 @@ import torch
 from ..atomic import write_json_atomic
 from ..errors import RankwiseError
 from .budget import optimizer_state_estimate
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent: int) -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux); exit now if the parent is already gone
-    (it died while this process was starting, before the death signal was armed)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:
-        os._exit(1)
-
 
 def memory_breakdown(model: torch.nn.Module, optimizer_state_bytes: int) -> dict[str, int]:
     """Bytes of weights (all parameters and buffers), gradients (trainable parameters) and optimizer state."""
