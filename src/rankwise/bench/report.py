@@ -167,6 +167,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], bp, cfg, reference: dic
         lr_lines.append(f"| {label} | {info['lr']:.3g} | {info['source']} | {', '.join(info['tuned']) or '-'} | "
                         f"{fixed} |")
     skipped = [f"- {s['label']} @ {s['budget']}: {s['reason']}" for s in bp.skipped]
+    failed = [f"- {r['group']} seed {r['seed']}: {r['status']}" for r in rows if r.get("status") != "ok"]
     plan_lines = []
     if bp.budgets:
         plan_lines = [f"Each method's rank was chosen by the planner so that weights + gradients + optimizer state "
@@ -194,6 +195,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], bp, cfg, reference: dic
           "## Learning rates", "", *lr_lines, "",
           *(["## Memory plan", "", *plan_lines] if plan_lines else []),
           *(["## Skipped", "", *skipped, ""] if skipped else []),
+          *(["## Failed runs (rerun the same command to redo them)", "", *failed, ""] if failed else []),
           f"Every run saw {', '.join(f'{t:,}' for t in tokens) or '-'} training tokens; batch i is a pure function "
           "of the seed and i, so runs of one seed see the same tokens in the same order.", "",
           "## Setup", "", "```json", json.dumps(setup, indent=1, default=str), "```", "",
