@@ -104,7 +104,7 @@ COLUMNS = [
 
 
 def table_rows(groups: list[dict[str, Any]], reference: dict[str, float] | None) -> list[list[str]]:
-    rows = [[h(g) for _, h in COLUMNS] for g in sorted(groups, key=lambda g: (g["rank"], g["ppl_mean"]))]
+    rows = [[h(g) for _, h in COLUMNS] for g in sorted(groups, key=lambda g: g["ppl_mean"])]
     for name in ("bigram", "unigram"):
         if reference and name in reference:
             rows.append(["ref", name, f"{reference[name]:.1f}"] + ["-"] * (len(COLUMNS) - 3))
@@ -152,6 +152,10 @@ def write_results(out: Path, rows: list[dict[str, Any]], bp, cfg, reference: dic
     groups = aggregate(rows)
     claims = check_claims(groups)
     claims_md = claims_markdown(claims)
+    untuned = [label for label, info in (lr_info or {}).items() if not info["tuned"]]
+    if untuned:
+        claims_md += (f"\n\nThe lrs of {', '.join(untuned)} were not tuned (see Learning rates): their rows compare "
+                      "those lrs, not tuned methods; `rankwise bench --tune` tunes them.")
     write_text_atomic(out / "results.csv", _csv(CSV_FIELDS, [summary(r) for r in rows]))
     write_text_atomic(out / "summary.csv", _csv(SUMMARY_FIELDS, groups))
     write_text_atomic(out / "claims.md", f"# Claims checked — preset `{cfg.preset}`\n\n{claims_md}\n\n"
@@ -226,17 +230,18 @@ def _save(fig, path: Path) -> None:
 
 def plot_ppl_vs_memory(groups: list[dict[str, Any]], path: Path, reference: dict[str, float] | None = None) -> None:
     """Eval perplexity (mean ± sd over seeds) against weights + gradients + optimizer state; one line per method
-    through its budgets; the n-gram reference levels as horizontal lines."""
+    through its budgets (methods at one budget drawn 0.6% apart); the n-gram reference levels as horizontal lines."""
     from ..plots import plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     by_label: dict[str, list[dict[str, Any]]] = {}
     for g in groups:
         by_label.setdefault(g["label"], []).append(g)
-    for label, gs in by_label.items():
+    for i, (label, gs) in enumerate(by_label.items()):
         gs = sorted(gs, key=lambda g: g["train_mem_mb"])
-        ax.errorbar([g["train_mem_mb"] for g in gs], [g["ppl_mean"] for g in gs], yerr=[g["ppl_sd"] for g in gs],
-                    fmt="o-", ms=5, capsize=3, lw=1, label=label)
+        dodge = 1 + 0.006 * (i - (len(by_label) - 1) / 2)  # methods at equal memory side by side, not on top
+        ax.errorbar([g["train_mem_mb"] * dodge for g in gs], [g["ppl_mean"] for g in gs],
+                    yerr=[g["ppl_sd"] for g in gs], fmt="o-", ms=5, capsize=3, lw=1, label=label)
     for name, style in (("unigram", ":"), ("bigram", "--")):
         if reference and name in reference:
             ax.axhline(reference[name], color="gray", ls=style, lw=1, label=f"{name} statistics")
