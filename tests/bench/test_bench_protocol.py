@@ -146,6 +146,8 @@ def test_plan_bench_prints_the_memory_plan_and_skips_methods_that_cannot_reach(c
     assert {(s["label"], s["budget"]) for s in bp.skipped} == {("full", "60%"), ("galore", "60%")}
     assert any("skipped: cannot reach" in line for line in lines) and any("rank" in line for line in lines)
     assert bp.seeds == [0, 1, 2]  # the tiny preset's 3 seeds
+    bp = plan_bench(BenchConfig(methods=["lowrank"], match_memory=["preset"]), lines.append)
+    assert bp.budgets == ["100%", "80%", "60%"] and all(m.ok for m in bp.matches.values())
 
 
 @pytest.mark.parametrize("cfg, message", [

@@ -43,7 +43,7 @@ class BenchConfig:
     steps: int | None = None  # default: the preset's; warmup keeps its fraction of the schedule
     rank: int | None = None  # overrides the rank of every method that has one
     budget: str | None = None  # e.g. "24GB": only methods whose planned memory (with activations) fits
-    match_memory: list[str] | None = None  # e.g. ["60MiB"] or ["100%", "75%"] (of full-rank's w+g+optim)
+    match_memory: list[str] | None = None  # e.g. ["60MiB"], ["100%", "75%"] (of full-rank's w+g+optim), ["preset"]
     memory_tolerance: float = 0.05
     seeds: int | None = None  # runs per method; default: the preset's
     seed: int = 0  # first seed; the runs use seed, seed + 1, ...
@@ -310,8 +310,11 @@ def _claim_out(out: Path, fingerprint: dict[str, Any]) -> None:
     if out.exists() and any(out.iterdir()):
         raise RankwiseError(f"--out {str(out)!r} is not empty and holds no bench_config.json (not a bench made by "
                             "this version); choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "bench_config.json", fingerprint, indent=1)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "bench_config.json", fingerprint, indent=1)
+    except OSError as e:
+        raise RankwiseError(f"cannot write to --out {str(out)!r}: {e.strerror or e}; choose a writable folder") from None
 
 
 def finished(job: Job) -> dict[str, Any] | None:
@@ -441,6 +444,10 @@ def plan_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchPla
                     f"> {cfg.budget}"} for e in entries if e not in kept]
         entries = kept
     budgets = list(cfg.match_memory or [])
+    if budgets == ["preset"]:
+        if not preset.budgets:
+            raise RankwiseError(f"preset {cfg.preset!r} has no memory budgets; give sizes, e.g. --match-memory 80%")
+        budgets = list(preset.budgets)
     matches, full_mem = ({}, None)
     if budgets:
         matches, full_mem = match_budgets(preset, entries, budgets, cfg.memory_tolerance)

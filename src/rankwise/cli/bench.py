@@ -5,7 +5,7 @@ Writes results.csv, summary.csv, results.md, claims.md, bench.json, ppl_vs_memor
 (with --tune also tuned.json and lr_sensitivity.png). A rerun with the same --out resumes: finished runs are kept.
 
   rankwise bench --preset tiny --out runs/bench                    # 8 methods x 3 seeds at the shipped lrs
-  rankwise bench --preset tiny --tune --match-memory 100%,80%,60% --out runs/protocol   # the full protocol
+  rankwise bench --preset tiny --tune --match-memory preset --out runs/protocol   # the full protocol
   rankwise bench --methods full:lr_scale=3,galore:rank=16 --seeds 2 --steps 100
 """
 
@@ -32,8 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, help="runs per method, seeds --seed, --seed + 1, ... (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="first seed of init and data order (default 0)")
     p.add_argument("--match-memory", help="comma-separated budgets for weights + gradients + optimizer state, e.g. "
-                                          "60MiB or 100%%,80%%,60%% (of full-rank AdamW's): each method's rank is "
-                                          "chosen to land within --memory-tolerance of each")
+                                          "60MiB or 100%%,80%%,60%% (of full-rank AdamW's), or 'preset' (the preset's "
+                                          "budgets): each method's rank is chosen to land within "
+                                          "--memory-tolerance of each")
     p.add_argument("--memory-tolerance", type=float, default=0.05, help="for --match-memory (default 0.05 = 5%%)")
     p.add_argument("--budget", help="run only methods whose planned memory (rankwise plan: weights, gradients, "
                                     "optimizer state, activations of one micro-batch) fits, e.g. 24GiB or 24GB")
