@@ -12,6 +12,7 @@ import torch
 
 from rankwise.bench import BenchConfig, run_bench
 from rankwise.bench import presets as bench_presets
+from rankwise.bench import runner
 from rankwise.bench.budget import train_memory
 from rankwise.cli.main import main
 from rankwise.data import Batches, prepare
@@ -57,7 +58,7 @@ def test_seeds_change_model_init_and_data_order(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_tune_then_bench_at_the_tuned_lrs(tmp_path):
+def test_tune_then_bench_at_the_tuned_lrs(tmp_path, monkeypatch):
     rows = run_bench(BenchConfig(preset="micro", methods=["full", "galore"], seeds=1, tune=True, out=str(tmp_path),
                                  isolate=False), _quiet)
     tuned = json.loads((tmp_path / "tuned.json").read_text())
@@ -79,6 +80,15 @@ def test_tune_then_bench_at_the_tuned_lrs(tmp_path):
     rows = run_bench(BenchConfig(preset="micro", methods=["full:lr_scale=3"], seeds=1, tuned=str(tmp_path / "tuned.json"),
                                  out=str(tmp_path / "again"), isolate=False), _quiet)
     assert rows[0]["lr"] == pytest.approx(3 * tuned["methods"]["full"]["lr"])
+    # shipping stores the sweep under the preset in the package's lrs file, which later benches use by default
+    shipped = tmp_path / "tuned_lrs.json"
+    shipped.write_text(runner.TUNED_LRS.read_text())
+    monkeypatch.setattr(runner, "TUNED_LRS", shipped)
+    runner.ship_tuned(tmp_path / "tuned.json", "rankwise bench --preset micro --tune")
+    entry = json.loads(shipped.read_text())["presets"]["micro"]
+    assert entry["command"] == "rankwise bench --preset micro --tune" and entry["methods"] == tuned["methods"]
+    assert runner.load_tuned("micro", None)[0]["galore"]["lr"] == tuned["methods"]["galore"]["lr"]
+    assert runner.load_tuned("not-shipped", None)[0] == {}  # a preset without an entry: its default lrs
 
 
 def test_matched_memory_as_measured_lands_within_tolerance(tmp_path):
