@@ -51,7 +51,8 @@ def test_a_worker_dies_when_its_parent_is_killed(tmp_path):
     armed = tmp_path / "armed"
     parent = subprocess.Popen([sys.executable, "-c",
                                "import os, subprocess, sys, time\n"
-                               f"subprocess.Popen([sys.executable, '-c', {CHILD!r}, str(os.getpid()), {str(armed)!r}])\n"
+                               f"subprocess.Popen([sys.executable, '-c', {CHILD!r}, str(os.getpid()), "
+                               f"{str(armed)!r}])\n"
                                "time.sleep(120)"])
     try:
         end = time.monotonic() + 30

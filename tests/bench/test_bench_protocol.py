@@ -151,13 +151,15 @@ def test_plan_bench_prints_the_memory_plan_and_skips_methods_that_cannot_reach(c
 
 
 @pytest.mark.parametrize("cfg, message", [
-    (BenchConfig(methods=["galore:rank=abc"]), r"option rank='abc' of 'galore:rank=abc' must be a int"),
-    (BenchConfig(methods=["galore:scale=high"]), "must be a float"),
+    (BenchConfig(methods=["galore:rank=abc"]),
+     r"option rank='abc' of 'galore:rank=abc' must be an integer \(default 128\); e.g. galore:rank=128"),
+    (BenchConfig(methods=["galore:scale=high"]), "must be a finite number"),
     (BenchConfig(methods=["galore:nope=1"]), "does not take option"),
     (BenchConfig(methods=["lowrank:rank=0"]), "rank must be a positive integer"),
     (BenchConfig(rank=0), "--rank must be a positive integer"),
     (BenchConfig(methods=["lowrank:rank=4096"]), r"rank must be in \[1, 127\]"),
-    (BenchConfig(overrides={"seq_len": 5000}), "seq_len 5000 is longer than the 1024 positions of model 'mini'; use --seq-len 1024"),
+    (BenchConfig(overrides={"seq_len": 5000}),
+     "seq_len 5000 is longer than the 1024 positions of model 'mini'; use --seq-len 1024"),
     (BenchConfig(seeds=0), "--seeds must be a positive integer"),
     (BenchConfig(tune=True, tune_points=1), "at least 2 points"),
     (BenchConfig(match_memory=["1MiB"]), "no method can reach --match-memory 1MiB"),

@@ -48,7 +48,8 @@ def test_seeds_change_model_init_and_data_order(tmp_path):
     a, b = (build_model("mini", vocab_size=2048, seed=s) for s in (5, 6))
     assert not torch.equal(a.model.layers[0].self_attn.q_proj.weight, b.model.layers[0].self_attn.q_proj.weight)
     corpus = prepare("stdlib-docs", 2048)
-    assert not torch.equal(Batches(corpus.train, 2, 32, 5).train_batch(0), Batches(corpus.train, 2, 32, 6).train_batch(0))
+    batches = [Batches(corpus.train, 2, 32, s).train_batch(0) for s in (5, 6)]
+    assert not torch.equal(*batches)
     summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert summary[0]["n"] == "2" and float(summary[0]["ppl_sd"]) > 0
     md = (tmp_path / "results.md").read_text()
@@ -77,8 +78,9 @@ def test_tune_then_bench_at_the_tuned_lrs(tmp_path, monkeypatch):
     md = (tmp_path / "results.md").read_text()
     assert "| galore |" in md and "tuned (this run)" in md and "scale=0.25" in md
     # a later bench can take those lrs, and lr_scale multiplies them
-    rows = run_bench(BenchConfig(preset="micro", methods=["full:lr_scale=3"], seeds=1, tuned=str(tmp_path / "tuned.json"),
-                                 out=str(tmp_path / "again"), isolate=False), _quiet)
+    rows = run_bench(BenchConfig(preset="micro", methods=["full:lr_scale=3"], seeds=1,
+                                 tuned=str(tmp_path / "tuned.json"), out=str(tmp_path / "again"), isolate=False),
+                     _quiet)
     assert rows[0]["lr"] == pytest.approx(3 * tuned["methods"]["full"]["lr"])
     # shipping stores the sweep under the preset in the package's lrs file, which later benches use by default
     shipped = tmp_path / "tuned_lrs.json"
@@ -124,7 +126,7 @@ def test_cli_bad_input_exits_2_in_one_line_and_leaves_out_untouched(capsys, tmp_
                  "--in-process"]) == 0
     capsys.readouterr()
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    bad = [(["--methods", "galore:rank=abc"], "must be a int"), (["--rank", "0"], "--rank must be a positive"),
+    bad = [(["--methods", "galore:rank=abc"], "must be an integer"), (["--rank", "0"], "--rank must be a positive"),
            (["--seq-len", "5000"], "positions"), (["--match-memory", "1MiB"], "no method can reach"),
            (["--seeds", "0"], "--seeds must be a positive"), (["--tune", "--tune-points", "1"], "at least 2 points"),
            (["--steps", "3"], "made with another configuration (differs in: setup)"),

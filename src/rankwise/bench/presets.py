@@ -106,7 +106,8 @@ PRESETS: dict[str, BenchPreset] = {
     "gpu-60m": BenchPreset(model="llama-60m", steps=400, batch_size=128, seq_len=256, lr=1e-3, warmup_steps=40,
                            methods=_gpu_methods(128, gap=100, merge=200, rewarm=20), eval_every=100,
                            eval_batches=8, data="stdlib-code", vocab_size=8192, seeds=1,
-                           description="GaLore's 60M model on the embedded stdlib-code corpus (offline, ~10 MB), 128 x 256 "
+                           description="GaLore's 60M model on the embedded stdlib-code corpus (offline, ~10 MB), "
+                                       "128 x 256 "
                                        "tokens a step, rank 128; one GPU, benchmarks/gpu_bench.sh"),
     "llama-60m": _c4("llama-60m", 10_000, 128, 128, "1.1B"),
     "llama-130m": _c4("llama-130m", 20_000, 256, 64, "2.2B"),

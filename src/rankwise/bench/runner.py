@@ -113,8 +113,10 @@ def _check_option_types(label: str, method: str, options: dict[str, Any]) -> Non
         else:
             ok = isinstance(value, type(d))
         if not ok:
-            raise RankwiseError(f"option {key}={value!r} of {label!r} must be a {type(d).__name__} "
-                                f"(default {d!r}); e.g. {method}:{key}={d}")
+            kind = {"bool": "true or false", "int": "an integer", "float": "a finite number"}.get(
+                type(d).__name__, f"a {type(d).__name__}")
+            raise RankwiseError(f"option {key}={value!r} of {label!r} must be {kind} (default "
+                                f"{json.dumps(d)}); e.g. {method}:{key}={json.dumps(d)}")
     if "rank" in options and not options["rank"] > 0:
         raise RankwiseError(f"rank must be a positive integer, got {options['rank']} in {label!r}")
 
@@ -232,7 +234,8 @@ def train_config(preset: BenchPreset, entry: Entry, cfg: BenchConfig, lr: float 
     base.validate()
     positions = _positions(base.preset, base.vocab_size)
     if positions is not None and base.seq_len > positions:
-        raise RankwiseError(f"seq_len {base.seq_len} is longer than the {positions} positions of model {base.preset!r}; "
+        raise RankwiseError(f"seq_len {base.seq_len} is longer than the {positions} positions of model "
+                            f"{base.preset!r}; "
                             f"use --seq-len {positions} or less")
     return base
 
@@ -314,7 +317,8 @@ def _claim_out(out: Path, fingerprint: dict[str, Any]) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "bench_config.json", fingerprint, indent=1)
     except OSError as e:
-        raise RankwiseError(f"cannot write to --out {str(out)!r}: {e.strerror or e}; choose a writable folder") from None
+        raise RankwiseError(f"cannot write to --out {str(out)!r}: {e.strerror or e}; choose a writable "
+                            "folder") from None
 
 
 def finished(job: Job) -> dict[str, Any] | None:

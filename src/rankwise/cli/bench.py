@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune-span", type=float, help="ratio of the grid's largest to smallest lr (default 64)")
     p.add_argument("--tune-seeds", type=int, default=1, help="seeds per tuning trial (default 1)")
     p.add_argument("--ship-tuned", action="store_true",
-                   help="after --tune, store tuned.json as the preset's shipped lrs (src/rankwise/bench/tuned_lrs.json)")
+                   help="after --tune, store tuned.json as the preset's shipped lrs "
+                        "(src/rankwise/bench/tuned_lrs.json)")
     p.add_argument("--tuned", help="a tuned.json to take the lrs from (default: the shipped lrs)")
     p.add_argument("--out", default="bench-out", help="output folder (default bench-out); rerun to resume")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
