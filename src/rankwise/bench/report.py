@@ -264,34 +264,39 @@ def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def plot_loss_curves(groups: list[dict[str, Any]], path: Path) -> None:
-    """Training loss (EMA; mean over seeds, band ± sd) and validation loss (mean ± sd) per method and budget."""
+    """Training loss (EMA; mean over seeds, band ± sd) and validation loss (mean ± sd) per method; one panel per
+    --match-memory budget, one colour per method across panels."""
     from ..plots import plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for g in groups:
-        runs = g["history"]
-        if not runs:
-            continue
-        steps = [h["step"] for h in runs[0]]
-        curves = [_smooth([h["loss"] for h in run]) for run in runs if len(run) == len(steps)]
-        mean = [statistics.fmean(c[i] for c in curves) for i in range(len(steps))]
-        sd = [_sd([c[i] for c in curves]) for i in range(len(steps))]
-        (line,) = ax.plot(steps, mean, lw=1.2, label=g["group"])
-        ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
-                        color=line.get_color(), alpha=0.2, lw=0)
-        evals: dict[int, list[float]] = {}
-        for run in runs:
-            for h in run:
-                if "eval_loss" in h:
-                    evals.setdefault(h["step"], []).append(h["eval_loss"])
-        if evals:
-            xs = sorted(evals)
-            ax.errorbar(xs, [statistics.fmean(evals[x]) for x in xs], yerr=[_sd(evals[x]) for x in xs], fmt="o",
-                        color=line.get_color(), ms=3, capsize=2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token): line = train EMA ± sd, dots = validation ± sd")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    budgets = list(dict.fromkeys(g["budget"] for g in groups)) or [None]
+    labels = list(dict.fromkeys(g["label"] for g in groups))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.8), squeeze=False, sharey=True)
+    for ax, budget in zip(axes[0], budgets):
+        for g in (g for g in groups if g["budget"] == budget and g["history"]):
+            runs = g["history"]
+            steps = [h["step"] for h in runs[0]]
+            curves = [_smooth([h["loss"] for h in run]) for run in runs if len(run) == len(steps)]
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(len(steps))]
+            sd = [_sd([c[i] for c in curves]) for i in range(len(steps))]
+            color = colors[g["label"]]
+            ax.plot(steps, mean, lw=1.2, color=color, label=g["label"])
+            ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                            color=color, alpha=0.2, lw=0)
+            evals: dict[int, list[float]] = {}
+            for run in runs:
+                for h in run:
+                    if "eval_loss" in h:
+                        evals.setdefault(h["step"], []).append(h["eval_loss"])
+            if evals:
+                xs = sorted(evals)
+                ax.errorbar(xs, [statistics.fmean(evals[x]) for x in xs], yerr=[_sd(evals[x]) for x in xs],
+                            fmt="o", color=color, ms=3, capsize=2)
+        ax.set_title("" if budget is None else f"memory budget {budget}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss (nats/token): train EMA ± sd, dots: validation ± sd")
     _save(fig, path)
 
 
