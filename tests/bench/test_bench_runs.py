@@ -143,3 +143,22 @@ def test_cli_bad_input_exits_2_in_one_line_and_leaves_out_untouched(capsys, tmp_
     assert "is a file" in capsys.readouterr().err
     with pytest.raises(RankwiseError, match="not empty and holds no bench_config.json"):
         run_bench(BenchConfig(preset="micro", out=str(tmp_path), isolate=False), _quiet)
+
+
+def test_a_failing_run_is_a_row_and_a_rerun_redoes_it(tmp_path, monkeypatch):
+    calls = []
+    real = runner.run_job
+
+    def flaky(job):
+        calls.append(job["label"])
+        if job["label"] == "lowrank" and calls.count("lowrank") == 1:
+            raise RuntimeError("simulated crash")
+        return real(job)
+
+    monkeypatch.setattr(runner, "run_job", flaky)
+    cfg = BenchConfig(preset="micro", methods=["full", "lowrank"], seeds=1, steps=2, out=str(tmp_path), isolate=False)
+    rows = run_bench(cfg, _quiet)
+    assert [r["status"] for r in rows] == ["ok", "failed: RuntimeError: simulated crash"]
+    assert "lowrank seed 0: failed: RuntimeError: simulated crash" in (tmp_path / "results.md").read_text()
+    rows = run_bench(cfg, _quiet)  # the rerun keeps full and redoes lowrank
+    assert calls == ["full", "lowrank", "lowrank"] and all(r["status"] == "ok" for r in rows)

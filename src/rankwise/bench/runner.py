@@ -388,7 +388,11 @@ def execute(jobs: list[Job], cfg: BenchConfig, log: Callable[[str], None]) -> li
                 shutil.rmtree(jobs[i].run_dir)
             jobs[i].run_dir.mkdir(parents=True)
             (jobs[i].run_dir / "job.json").write_text(json.dumps(jobs[i].payload(), indent=1))
-            report(i, run_job(jobs[i].payload()), time.perf_counter() - start)
+            try:
+                row = run_job(jobs[i].payload())
+            except Exception as e:  # noqa: BLE001 — one failed run is a row, as in a worker process
+                row = _failed(jobs[i], f"{type(e).__name__}: {e}")
+            report(i, row, time.perf_counter() - start)
         return [results[i] for i in range(len(jobs))]
 
     env = os.environ.copy()

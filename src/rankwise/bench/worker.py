@@ -1,6 +1,7 @@
-"""One benchmark run: ``python -m rankwise.bench JOB.json`` trains one method and writes ``result.json``.
+"""One benchmark run: ``python -m rankwise.bench JOB.json --parent PID`` trains one method and writes
+``result.json`` (the bench reads it, and a rerun skips the run when it is there with the same ``job.json``).
 
-Each method runs in a fresh process (by default) so that its peak memory and throughput are its own.
+Each run has a fresh process (by default) so that its peak memory and throughput are its own.
 """
 
 from __future__ import annotations
