@@ -82,6 +82,11 @@ def test_tune_then_bench_at_the_tuned_lrs(tmp_path, monkeypatch):
                                  tuned=str(tmp_path / "tuned.json"), out=str(tmp_path / "again"), isolate=False),
                      _quiet)
     assert rows[0]["lr"] == pytest.approx(3 * tuned["methods"]["full"]["lr"])
+    # with --lr the grid is centred on it, and the bench still runs at the lr it tuned
+    rows = run_bench(BenchConfig(preset="micro", methods=["full"], seeds=1, tune=True, overrides={"lr": 1e-3},
+                                 out=str(tmp_path / "centred"), isolate=False), _quiet)
+    sweep = json.loads((tmp_path / "centred" / "tuned.json").read_text())["methods"]["full"]
+    assert sorted({t["lr"] for t in sweep["sweep"]})[1] == pytest.approx(1e-3) and rows[0]["lr"] == sweep["lr"]
     # shipping stores the sweep under the preset in the package's lrs file, which later benches use by default
     shipped = tmp_path / "tuned_lrs.json"
     shipped.write_text(runner.TUNED_LRS.read_text())

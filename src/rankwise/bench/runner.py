@@ -197,14 +197,18 @@ def load_tuned(preset: str, path: str | None) -> tuple[dict[str, Any], str]:
     return (data.get("presets", {}).get(preset) or {}).get("methods", {}), "shipped tuned_lrs.json"
 
 
-def entry_lr(preset: BenchPreset, e: Entry, cfg: BenchConfig, tuned: dict[str, Any]) -> tuple[float, str]:
-    """The entry's lr and where it came from: tuned (x ``lr_scale``), or ``--lr`` / the preset's default."""
+def entry_lr(preset: BenchPreset, e: Entry, cfg: BenchConfig, tuned: dict[str, Any],
+             this_run: bool = False) -> tuple[float, str]:
+    """The entry's lr and where it came from: tuned (x ``lr_scale``), or ``--lr`` / the preset's default.
+
+    Tuned lrs are looked up by label, then by the preset's name; ``--lr`` overrides shipped tuned lrs but not the ones
+    this run tuned (``this_run``: their grid was centred on ``--lr``)."""
     base = cfg.overrides.get("lr")
     if base is not None and (isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < math.inf):
         raise RankwiseError(f"--lr must be a positive finite number, got {base!r}")
-    t = tuned.get(e.name)
-    if base is None and t is not None and t.get("method") == e.spec.method:
-        lr, source = float(t["lr"]), "tuned"
+    t = tuned.get(e.label, tuned.get(e.name))
+    if (base is None or this_run) and t is not None and t.get("method") == e.spec.method:
+        lr, source = float(t["lr"]), "tuned (this run)" if this_run else "tuned"
     else:
         lr = (preset.lr if base is None else base) * e.spec.lr_mult
         source = "--lr" if base is not None else "preset default (not tuned)"
@@ -502,7 +506,7 @@ def _tune(bp: BenchPlan, cfg: BenchConfig, out: Path, log: Callable[[str], None]
 
         best, trials = successive_halving(grid, t["horizons"], t["eta"], objective)
         log(f"  {e.label}: tuned lr {best:.3g}")
-        methods_out[e.name] = {"method": e.spec.method, "label": e.label, "lr": best, "grid_centre": centre,
+        methods_out[e.label] = {"method": e.spec.method, "label": e.label, "lr": best, "grid_centre": centre,
                                "tuned": ["lr"], "fixed": {k: e.spec.options[k] for k in e.spec.fixed},
                                "options": e.spec.options, "sweep": [x.to_dict() for x in trials]}
     tuned = {"preset": cfg.preset, "steps": bp.preset.steps, "grid": {k: t[k] for k in ("points", "span")},
@@ -535,16 +539,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         "seeds": bp.seeds, "match_memory": bp.budgets, "memory_tolerance": cfg.memory_tolerance,
         "budget": cfg.budget, "tune": bp.tune, "tuned_lrs": None if bp.tune else tuned})
     _claim_out(out, fingerprint)
-    for data, vocab in {(bp.preset.data if "data" not in cfg.overrides else cfg.overrides["data"],
-                         bp.preset.vocab_size)}:
-        corpus = prepare(data, vocab)  # build the corpus cache once, before the workers share it
+    # build the corpus cache once, before the workers share it
+    corpus = prepare(cfg.overrides.get("data", bp.preset.data), bp.preset.vocab_size)
     if bp.tune:
         tuned, tuned_src = _tune(bp, cfg, out, log), "tuned.json (this run)"
         if cfg.tune_only:
             return []
-    lrs = {e.label: entry_lr(bp.preset, e, cfg, tuned) for e in bp.entries}
-    if bp.tune:
-        lrs = {k: (lr, src.replace("tuned", "tuned (this run)", 1)) for k, (lr, src) in lrs.items()}
+    lrs = {e.label: entry_lr(bp.preset, e, cfg, tuned, this_run=bool(bp.tune)) for e in bp.entries}
     jobs = []
     for e in bp.entries:
         lr = lrs[e.label][0]
@@ -575,7 +576,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     ref_cfg = jobs[0].config if jobs else asdict(train_config(bp.preset, bp.entries[0], cfg))
     reference = ngram_reference(corpus, ref_cfg["batch_size"], ref_cfg["seq_len"], ref_cfg["eval_batches"])
     lr_info = {e.label: {"lr": lrs[e.label][0], "source": lrs[e.label][1],
-                         "tuned": (tuned.get(e.name) or {}).get("tuned", []) if "tuned" in lrs[e.label][1] else [],
+                         "tuned": (tuned.get(e.label) or tuned.get(e.name) or {}).get("tuned", [])
+                         if "tuned" in lrs[e.label][1] else [],
                          "fixed": {k: e.spec.options[k] for k in e.spec.fixed}} for e in bp.entries}
     write_results(out, rows, bp, cfg, reference=reference, lr_info=lr_info)
     return rows
