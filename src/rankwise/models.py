@@ -28,6 +28,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(256, 4, 4, 688, description="~7.4M params, CPU tests and the default benchmark"),
+    "mini": Preset(128, 4, 4, 344, 2048, description="~1.3M params (vocab 2048), the CPU benchmark (rankwise bench --preset tiny)"),
     "small": Preset(512, 8, 8, 1376, description="~34M params, CPU experiments"),
     "llama-60m": Preset(512, 8, 8, 1376, 32000, description="GaLore's 60M config (C4, 1.1B tokens)"),
     "llama-130m": Preset(768, 12, 12, 2048, 32000, description="GaLore's 130M config (C4, 2.2B tokens)"),

@@ -19,9 +19,10 @@ SMALL = {"batch_size": 2, "seq_len": 32, "eval_batches": 2}
 
 
 def test_bench_smoke_two_methods_twenty_steps_writes_every_file(corpus, tmp_path):
-    rows = run_bench(BenchConfig(methods=["full", "lowrank-rr:rank=16,refactor_every=10"], steps=20, out=str(tmp_path),
-                                 overrides=SMALL), log=lambda _: None)
-    for name in ("results.csv", "results.md", "bench.json", "ppl_vs_memory.png", "loss_curves.png"):
+    rows = run_bench(BenchConfig(methods=["full", "lowrank-rr:rank=16,refactor_every=10"], steps=20, seeds=1,
+                                 out=str(tmp_path), overrides=SMALL), log=lambda _: None)
+    for name in ("results.csv", "summary.csv", "results.md", "claims.md", "bench.json", "ppl_vs_memory.png",
+                 "loss_curves.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     for name in ("ppl_vs_memory.png", "loss_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -29,11 +30,11 @@ def test_bench_smoke_two_methods_twenty_steps_writes_every_file(corpus, tmp_path
     assert [r["label"] for r in table] == ["full", "lowrank-rr:rank=16,refactor_every=10"]
     assert all(r["status"] == "ok" for r in table)
     full, lowrank = rows
-    n_full = count_params(build_model("tiny", device="meta"))[0]
+    n_full = count_params(build_model("mini", vocab_size=2048, device="meta"))[0]  # the tiny bench's model
     assert full["trainable_params"] == n_full and lowrank["trainable_params"] < n_full
     assert json.loads(table[1]["options"]) == {"rank": 16, "refactor_every": 10, "reset_moments": True}
     # AdamW state is exactly two fp32 moments and a fp32 step per parameter tensor
-    n_tensors = len(list(build_model("tiny", device="meta").parameters()))
+    n_tensors = len(list(build_model("mini", device="meta").parameters()))
     assert full["optimizer_state_bytes"] == full["final_optimizer_state_bytes"] == 8 * n_full + 4 * n_tensors
     # lowrank-rr dropped its factors' state at step 20: the table reports the steady-state size
     n_low = lowrank["trainable_params"]
@@ -53,11 +54,12 @@ def test_budget_keeps_only_methods_that_fit_the_planner():
     cfg = BenchConfig(methods=["full", "lowrank:rank=8"])
     preset, entries = resolve(cfg)
     configs = {e.label: train_config(preset, e, cfg) for e in entries}
-    full = planned_bytes("tiny", "full", {}, 8, 128, "bf16")
-    low = planned_bytes("tiny", "lowrank", {"rank": 8}, 8, 128, "bf16")
+    full = planned_bytes("mini", "full", {}, 16, 128, "bf16", 2048)  # the tiny bench: mini model, 16 x 128 tokens
+    low = planned_bytes("mini", "lowrank", {"rank": 8}, 16, 128, "bf16", 2048)
     # the planner's weights + gradients + AdamW state: the difference is exactly 4 + 4 + 8 bytes per parameter saved
-    n_full = count_params(build_model("tiny", device="meta"))[0]
-    n_low = count_params(methods.get("lowrank", rank=8).prepare(build_model("tiny", device="meta")))[0]
+    n_full = count_params(build_model("mini", vocab_size=2048, device="meta"))[0]
+    n_low = count_params(methods.get("lowrank", rank=8).prepare(build_model("mini", vocab_size=2048,
+                                                                            device="meta")))[0]
     assert full - low == 16 * (n_full - n_low) + 4 * (-4 * 7)  # 28 more step counters for the split factors
     skipped = []
     fits, planned = select_by_budget(configs, entries, f"{(full + low) // 2}", skipped.append)
@@ -75,13 +77,13 @@ def test_resolve_applies_rank_and_steps_and_validates():
                                           "sltrain"]
     assert preset.steps == 30 and preset.warmup_steps == 3  # the preset's 10% warmup
     assert entries[0].spec.options == {} and all(e.spec.options["rank"] == 8 for e in entries[1:])
-    assert entries[1].spec.lr_scale == 4.0
+    assert entries[1].spec.lr_mult == 4.0 and entries[1].spec.lr_scale == 1.0  # GaLore's untuned lr: 4x base
     for methods, message in [(["nope"], "unknown method 'nope'"), (["full", "full"], "names a method twice"),
                              (["lowrank:density=0.1"], "does not take option"), (["sltrain:density=2"], "density"),
                              (["galore:rank"], "not KEY=VALUE")]:
         with pytest.raises(RankwiseError, match=message):
             resolve(BenchConfig(methods=methods))
-    with pytest.raises(RankwiseError, match="valid presets: tiny, llama-60m"):
+    with pytest.raises(RankwiseError, match="valid presets: tiny, gpu-60m, llama-60m"):
         resolve(BenchConfig(preset="huge"))
     with pytest.raises(RankwiseError, match="steps must be a positive"):
         resolve(BenchConfig(steps=0))

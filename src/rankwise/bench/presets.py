@@ -1,14 +1,19 @@
-"""Benchmark presets: one model, one data source, one schedule, and the methods compared on it.
+"""Benchmark presets: one model, one data source, one schedule, the methods compared on it, and the protocol
+(seeds, memory budgets, learning-rate grid).
 
-``tiny`` is the CPU benchmark (~10 minutes on 2 cores for the 8 default methods). The ``llama-*`` presets are
-GaLore's C4 pre-training recipes (``scripts/benchmark_c4/llama_*.sh``: total batch 512 sequences of 256 tokens,
-10k / 20k / 60k / 100k steps, 10% warmup, bf16, GaLore lr 0.01 with scale 0.25 and update gap 200) with the ranks of
-GaLore's Table 2 (128 / 256 / 256 / 512); ReLoRA's numbers are from its 60M script (merge every 1000 steps, 100
-re-warmup steps), SLTrain's from its scripts (lr 0.003, delta 0.03, alpha 32). They need a GPU and ``datasets``.
+``tiny`` is the CPU benchmark: the 1.3M-parameter ``mini`` LLaMA (hidden 128, 4 blocks, vocab 2048) for 250 steps x
+16 x 128 tokens, 3 seeds, sized so that the README's main command takes about 15 minutes on 2 idle cores
+(docs/bench.md derives it from measured per-step costs). The ``llama-*`` presets are GaLore's C4 pre-training recipes
+(``scripts/benchmark_c4/llama_*.sh``: total batch 512 sequences of 256 tokens, 10k / 20k / 60k / 100k steps, 10%
+warmup, bf16, GaLore lr 0.01 with scale 0.25 and update gap 200) with the ranks of GaLore's Table 2 (128 / 256 /
+256 / 512); ReLoRA's numbers are from its 60M script (merge every 1000 steps, 100 re-warmup steps), SLTrain's from
+its scripts (lr 0.003, delta 0.03, alpha 32). They need a GPU and ``datasets``. ``gpu-60m`` is GaLore's 60M model on
+the embedded stdlib-code corpus, for ``benchmarks/gpu_bench.sh`` (one GPU, minutes, offline).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,11 +22,18 @@ from ..errors import RankwiseError
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One benchmark entry: a registered method, its options, and a learning-rate multiplier on the preset's lr."""
+    """One benchmark entry: a registered method and its options.
+
+    ``lr_mult``: the preset's lr for this entry relative to the base lr, used when no tuned lr is shipped and as the
+    centre of the tuning grid. ``lr_scale``: the user's multiplier on the entry's tuned (or default) lr
+    (``full:lr_scale=3``). ``fixed``: options held at the paper's value while the lr is tuned (GaLore's ``scale``).
+    """
 
     method: str
     options: dict[str, Any] = field(default_factory=dict)
+    lr_mult: float = 1.0
     lr_scale: float = 1.0
+    fixed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,34 +51,40 @@ class BenchPreset:
     eval_batches: int = 8
     data: str = "stdlib-docs"
     vocab_size: int = 8192
+    seeds: int = 1  # runs per method (seeds 0..N-1 offset by --seed): init and data order both follow the seed
+    budgets: tuple[str, ...] = ()  # the protocol's --match-memory budgets ("80%" = of full-rank's w+g+optim)
+    tune_points: int = 7  # lr grid: points, log-spaced over tune_span x around the preset's lr
+    tune_span: float = 64.0
+    tune_rungs: tuple[float, ...] = (0.25, 1.0)  # successive halving: fractions of the schedule, last = full
+    tune_eta: int = 3  # each rung keeps the best ceil(n / eta)
     description: str = ""
 
 
-# GaLore's convention: its lr is 10x the full-rank one and the projected update is scaled by 0.25. In ``tiny`` the
-# galore/fira lr is 4x the preset's, so that the projected matrices move at the same effective lr as everyone else.
-def _tiny_methods(rank: int = 64, gap: int = 50) -> dict[str, MethodSpec]:
+# GaLore's convention: its lr is larger than full-rank's and the projected update is scaled by 0.25; in the CPU
+# presets galore/fira start (untuned) at 4x the base lr, so the projected matrices move at the base lr.
+def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
     return {
         "full": MethodSpec("full"),
-        "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0),
-        "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0),
+        "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
+        "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
         "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
-        "relora": MethodSpec("relora", {"rank": rank, "reset_every": gap, "restart_warmup": 10}),
+        "relora": MethodSpec("relora", {"rank": rank, "reset_every": gap, "restart_warmup": warmup}),
         "sltrain": MethodSpec("sltrain", {"rank": rank}),
     }
 
 
-def _gpu_methods(rank: int) -> dict[str, MethodSpec]:
+def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100) -> dict[str, MethodSpec]:
     """Base lr 1e-3 (GaLore's full-rank baseline for 60M/130M); GaLore/Fira 1e-2 with scale 0.25; SLTrain 3e-3."""
     return {
         "full": MethodSpec("full"),
-        "galore": MethodSpec("galore", {"rank": rank, "update_gap": 200, "scale": 0.25}, 10.0),
-        "fira": MethodSpec("fira", {"rank": rank, "update_gap": 200, "scale": 0.25}, 10.0),
-        "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": 200}),
+        "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
+        "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
+        "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
-        "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": 200, "reset_moments": True}),
-        "relora": MethodSpec("relora", {"rank": rank, "reset_every": 1000, "restart_warmup": 100}),
+        "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
+        "relora": MethodSpec("relora", {"rank": rank, "reset_every": merge, "restart_warmup": rewarm}),
         "sltrain": MethodSpec("sltrain", {"rank": rank, "density": 0.03, "alpha": 32.0}, 3.0),
     }
 
@@ -80,10 +98,17 @@ def _c4(model: str, steps: int, rank: int, micro_batch: int, tokens: str) -> Ben
 
 
 PRESETS: dict[str, BenchPreset] = {
-    "tiny": BenchPreset(model="tiny", steps=150, batch_size=8, seq_len=128, lr=2e-3, warmup_steps=15,
-                        methods=_tiny_methods(), eval_every=50, eval_batches=8,
-                        description="7.4M-param LLaMA on the embedded corpus, 150 steps x 1024 tokens, rank 64; "
-                                    "~10 min for 8 methods on 2 CPU cores"),
+    "tiny": BenchPreset(model="mini", steps=250, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=25,
+                        methods=_cpu_methods(rank=32, gap=50, warmup=10), eval_every=125, eval_batches=16,
+                        vocab_size=2048, seeds=3, budgets=("100%", "80%", "60%"),
+                        description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 250 steps x "
+                                    "2048 tokens, rank 32, 3 seeds; ~13 min for 8 methods on 2 idle CPU cores"),
+    "gpu-60m": BenchPreset(model="llama-60m", steps=400, batch_size=128, seq_len=256, lr=1e-3, warmup_steps=40,
+                           methods=_gpu_methods(128, gap=100, merge=200, rewarm=20), eval_every=100,
+                           eval_batches=8, data="stdlib-code", vocab_size=8192, seeds=1,
+                           description="GaLore's 60M model on the embedded stdlib-code corpus (offline, ~10 MB), "
+                                       "128 x 256 "
+                                       "tokens a step, rank 128; one GPU, benchmarks/gpu_bench.sh"),
     "llama-60m": _c4("llama-60m", 10_000, 128, 128, "1.1B"),
     "llama-130m": _c4("llama-130m", 20_000, 256, 64, "2.2B"),
     "llama-350m": _c4("llama-350m", 60_000, 256, 32, "6.4B"),
@@ -100,12 +125,12 @@ def get(name: str) -> BenchPreset:
 def parse_method(spec: str, preset: BenchPreset) -> tuple[str, MethodSpec]:
     """``galore`` (the preset's entry, or the method's defaults) or ``galore:rank=32,update_gap=100`` (options
     on top of the preset's); values are JSON when they parse (``true``, ``0.5``), else strings. The key
-    ``lr_scale`` sets the entry's learning-rate multiplier (e.g. ``full:lr_scale=4``)."""
-    import json
-
+    ``lr_scale`` multiplies the entry's tuned lr (e.g. ``full:lr_scale=3``)."""
     label, _, rest = spec.strip().partition(":")
+    if not label:
+        raise RankwiseError(f"method spec {spec!r} has no method name; write e.g. galore:rank=32")
     base = preset.methods.get(label, MethodSpec(label))
-    options, lr_scale = dict(base.options), base.lr_scale
+    options, lr_scale = dict(base.options), 1.0
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -115,7 +140,7 @@ def parse_method(spec: str, preset: BenchPreset) -> tuple[str, MethodSpec]:
         except json.JSONDecodeError:
             parsed = value
         if key == "lr_scale":
-            if not isinstance(parsed, (int, float)) or not parsed > 0:
+            if isinstance(parsed, bool) or not isinstance(parsed, (int, float)) or not 0 < parsed < float("inf"):
                 raise RankwiseError(f"lr_scale must be a positive number, got {value!r} in {spec!r}")
             lr_scale = float(parsed)
         else:

@@ -1,44 +1,120 @@
-"""Benchmark outputs: ``results.csv``, ``results.md`` (with config and versions), ``bench.json`` (everything,
-including per-step histories), ``ppl_vs_memory.png``, ``loss_curves.png``, and the rich table on the terminal."""
+"""Benchmark outputs, each written atomically: ``results.csv`` (one row per run), ``summary.csv`` (mean and sd over
+seeds per method and budget), ``results.md`` (the table with reference rows, the claims, lrs, memory plan, setup,
+versions), ``claims.md``, ``bench.json`` (everything, per-step histories included), ``ppl_vs_memory.png`` and
+``loss_curves.png`` (error bars: one sd over seeds), ``lr_sensitivity.png`` (``--tune``), and the terminal table.
+
+Ranks: a method's rank is 1 + the number of methods whose mean perplexity is lower by more than the spread
+``sqrt(sd_A^2 + sd_B^2)``; methods within the spread of each other share a rank (a tie), shown as ``=k``.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import platform
+import statistics
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
+from .claims import check_claims, claims_markdown
 
 MB = 2**20
 
-# (csv column, header, formatter) of the summary table
-COLUMNS = [
-    ("label", "method", str),
-    ("eval_ppl", "eval ppl", lambda v: f"{v:.2f}"),
-    ("optimizer_state_mb", "optim MB", lambda v: f"{v:.1f}"),
-    ("train_mem_mb", "w+g+optim MB", lambda v: f"{v:.1f}"),
-    ("peak_mem_mb", "peak MB", lambda v: f"{v:.1f}"),
-    ("trainable_params", "trainable", lambda v: f"{v / 1e6:.2f}M"),
-    ("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}"),
-]
-CSV_FIELDS = ["label", "method", "options", "lr", "status", "eval_ppl", "eval_loss", "initial_eval_loss",
-              "final_train_loss", "trainable_params", "total_params", "weights_mb", "grads_mb", "optimizer_state_mb",
-              "train_mem_mb", "planned_mem_mb", "peak_mem_mb", "peak_mem_kind", "tokens", "tokens_per_s", "wall_s"]
+CSV_FIELDS = ["group", "label", "budget", "seed", "method", "options", "lr", "status", "eval_ppl", "eval_loss",
+              "initial_eval_loss", "final_train_loss", "trainable_params", "total_params", "weights_mb", "grads_mb",
+              "optimizer_state_mb", "train_mem_mb", "matched_mem_mb", "planned_mem_mb", "peak_mem_mb",
+              "peak_mem_kind", "tokens", "tokens_per_s", "wall_s"]
+SUMMARY_FIELDS = ["rank", "group", "label", "budget", "method", "n", "ppl_mean", "ppl_sd", "loss_mean", "loss_sd",
+                  "optimizer_state_mb", "train_mem_mb", "peak_mem_mb", "trainable_params", "tokens_per_s", "rank_of",
+                  "lr"]
 
 
 def summary(row: dict[str, Any]) -> dict[str, Any]:
-    """One flat CSV record (bytes as MiB, options as JSON)."""
+    """One flat CSV record of a run (bytes as MiB, options as JSON)."""
     flat = {k: row.get(k) for k in CSV_FIELDS}
-    for key in ("weights", "grads", "optimizer_state", "train_mem", "planned_mem", "peak_mem"):
+    for key in ("weights", "grads", "optimizer_state", "train_mem", "matched_mem", "planned_mem", "peak_mem"):
         if row.get(f"{key}_bytes") is not None:
             flat[f"{key}_mb"] = row[f"{key}_bytes"] / MB
     flat["options"] = json.dumps(row.get("options", {}), sort_keys=True)
     return flat
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sd over seeds per group (method @ budget), in first-seen order, with tie-aware ranks."""
+    order: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        order.setdefault(r["group"], []).append(r)
+    groups = []
+    for name, runs in order.items():
+        ok = [r for r in runs if r.get("status") == "ok" and math.isfinite(r.get("eval_loss", math.nan))]
+        if not ok:
+            continue
+        ppl = [r["eval_ppl"] for r in ok]
+        loss = [r["eval_loss"] for r in ok]
+        first = ok[0]
+        groups.append({
+            "group": name, "label": first["label"], "budget": first.get("budget"), "method": first["method"],
+            "options": first.get("options", {}), "lr": first.get("lr"), "n": len(ok), "failed": len(runs) - len(ok),
+            "ppl_mean": statistics.fmean(ppl), "ppl_sd": _sd(ppl), "loss_mean": statistics.fmean(loss),
+            "loss_sd": _sd(loss), "optimizer_state_mb": first["optimizer_state_bytes"] / MB,
+            "train_mem_mb": first["train_mem_bytes"] / MB,
+            "peak_mem_mb": statistics.fmean(r["peak_mem_bytes"] for r in ok) / MB
+            if all(r.get("peak_mem_bytes") is not None for r in ok) else None,
+            "peak_mem_kind": first.get("peak_mem_kind"), "trainable_params": first["trainable_params"],
+            "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in ok),
+            "rank_value": first.get("options", {}).get("rank"), "seeds": [r["seed"] for r in ok],
+            "history": [r["history"] for r in ok if r.get("history")],
+        })
+    for g in groups:
+        better = sum(1 for h in groups if h is not g and
+                     g["ppl_mean"] - h["ppl_mean"] > math.sqrt(g["ppl_sd"] ** 2 + h["ppl_sd"] ** 2))
+        g["rank"] = 1 + better
+    for g in groups:
+        tied = sum(1 for h in groups if h["rank"] == g["rank"]) > 1
+        g["rank_of"] = f"={g['rank']}" if tied else str(g["rank"])
+    return groups
+
+
+def _pm(mean: float, sd: float, n: int, fmt: str = ".1f") -> str:
+    return f"{mean:{fmt}} ± {sd:{fmt}}" if n > 1 else f"{mean:{fmt}}"
+
+
+# (header, cell) of the summary table
+COLUMNS = [
+    ("rank", lambda g: g["rank_of"]),
+    ("method", lambda g: g["group"]),
+    ("ppl ± sd", lambda g: _pm(g["ppl_mean"], g["ppl_sd"], g["n"])),
+    ("seeds", lambda g: str(g["n"]) + (f" ({g['failed']} failed)" if g["failed"] else "")),
+    ("r", lambda g: "-" if g["rank_value"] is None else str(g["rank_value"])),
+    ("optim MiB", lambda g: f"{g['optimizer_state_mb']:.1f}"),
+    ("w+g+o MiB", lambda g: f"{g['train_mem_mb']:.1f}"),
+    ("peak MiB", lambda g: "-" if g["peak_mem_mb"] is None else f"{g['peak_mem_mb']:.0f}"),
+    ("trainable", lambda g: f"{g['trainable_params'] / 1e6:.2f}M"),
+    ("tok/s", lambda g: f"{g['tokens_per_s']:,.0f}"),
+    ("lr", lambda g: f"{g['lr']:.2e}"),
+]
+
+
+def table_rows(groups: list[dict[str, Any]], reference: dict[str, float] | None) -> list[list[str]]:
+    rows = [[h(g) for _, h in COLUMNS] for g in sorted(groups, key=lambda g: g["ppl_mean"])]
+    for name in ("bigram", "unigram"):
+        if reference and name in reference:
+            rows.append(["ref", name, f"{reference[name]:.1f}"] + ["-"] * (len(COLUMNS) - 3))
+    return rows
+
+
+def markdown_table(groups: list[dict[str, Any]], reference: dict[str, float] | None = None) -> str:
+    lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(groups, reference)]
+    return "\n".join(lines)
 
 
 def versions() -> dict[str, str]:
@@ -59,49 +135,91 @@ def versions() -> dict[str, str]:
     return info
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        flat = summary(row)
-        cells = [fmt(flat[k]) if flat.get(k) is not None else "-" for k, _, fmt in COLUMNS]
-        if row.get("status") != "ok":
-            cells[1] = row.get("status", "failed")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_results(out: Path, rows: list[dict[str, Any]], preset, cfg) -> None:
-    """Every output file, each written atomically."""
+def _csv(fields: list[str], records: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(summary(r) for r in rows)
-    write_text_atomic(out / "results.csv", buf.getvalue())
+    writer.writerows(records)
+    return buf.getvalue()
 
+
+def write_results(out: Path, rows: list[dict[str, Any]], bp, cfg, reference: dict[str, float] | None = None,
+                  lr_info: dict[str, dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Every output file; returns the groups and the claims markdown."""
+    from dataclasses import asdict
+
+    preset = bp.preset
+    groups = aggregate(rows)
+    claims = check_claims(groups)
+    claims_md = claims_markdown(claims)
+    untuned = [label for label, info in (lr_info or {}).items() if not info["tuned"]]
+    if untuned:
+        claims_md += (f"\n\nThe lrs of {', '.join(untuned)} were not tuned (see Learning rates): their rows compare "
+                      "those lrs, not tuned methods; `rankwise bench --tune` tunes them.")
+    write_text_atomic(out / "results.csv", _csv(CSV_FIELDS, [summary(r) for r in rows]))
+    write_text_atomic(out / "summary.csv", _csv(SUMMARY_FIELDS, groups))
+    write_text_atomic(out / "claims.md", f"# Claims checked — preset `{cfg.preset}`\n\n{claims_md}\n\n"
+                                         f"{_CLAIMS_NOTE}\n")
     env = versions()
     setup = {"preset": cfg.preset, **{k: v for k, v in asdict(preset).items() if k != "methods"},
-             "seed": cfg.seed, "overrides": cfg.overrides}
+             "seeds": bp.seeds, "match_memory": bp.budgets, "overrides": cfg.overrides}
     ok = [r for r in rows if r.get("status") == "ok"]
-    tokens = {r["tokens"] for r in ok}
-    md = [f"# rankwise bench — preset `{cfg.preset}`", "", preset.description, "", markdown_table(rows), "",
+    tokens = sorted({r["tokens"] for r in ok})
+    lr_lines = ["| method | lr | from | tuned | fixed at the paper's value |", "|---|---|---|---|---|"]
+    for label, info in (lr_info or {}).items():
+        fixed = ", ".join(f"{k}={v}" for k, v in info["fixed"].items()) or "-"
+        lr_lines.append(f"| {label} | {info['lr']:.3g} | {info['source']} | {', '.join(info['tuned']) or '-'} | "
+                        f"{fixed} |")
+    skipped = [f"- {s['label']} @ {s['budget']}: {s['reason']}" for s in bp.skipped]
+    failed = [f"- {r['group']} seed {r['seed']}: {r['status']}" for r in rows if r.get("status") != "ok"]
+    plan_lines = []
+    if bp.budgets:
+        plan_lines = [f"Each method's rank was chosen by the planner so that weights + gradients + optimizer state "
+                      f"land within {cfg.memory_tolerance:.0%} of each budget (full-rank AdamW: "
+                      f"{bp.full_mem / MB:.1f} MiB; `80%` means 80% of that).", "",
+                      "| budget | method | rank | planned MiB | / budget |", "|---|---|---|---|---|"]
+        for (label, b), m in bp.matches.items():
+            if m.ok:
+                plan_lines.append(f"| {b} | {label} | {m.rank if m.rank is not None else '-'} | "
+                                  f"{m.bytes / MB:.2f} | {m.bytes / m.target:.3f} |")
+        plan_lines.append("")
+    md = [f"# rankwise bench — preset `{cfg.preset}`", "", preset.description, "",
+          markdown_table(groups, reference), "",
+          f"Mean ± sd over {len(bp.seeds)} seed(s) (model init and data order both follow the seed). Rank: 1 + the "
+          "number of methods clearly better (mean lower by more than the spread sqrt(sd_A² + sd_B²)); `=k` marks a "
+          "tie. Reference rows: the perplexity of the training split's unigram (add-one) and bigram (Witten-Bell) "
+          f"statistics on the same {reference['eval_tokens'] if reference else '-'} validation tokens.", "",
           "Memory columns (MiB): *optim* is the exact size of every tensor in the optimizer's state after the "
           "last step (if that step just dropped some state, as lowrank-rr's momentum reset does, the shape-based "
           "size of the full state); *w+g+optim* adds all parameters and buffers (fp32 master weights, frozen ones "
           "included) and one gradient per trainable parameter (activations excluded); *peak* is the measured "
-          f"{ok[0]['peak_mem_kind'] if ok else 'the peak'} of the training loop (on CPU, the resident-set growth: "
+          f"{ok[0]['peak_mem_kind'] if ok else 'peak'} of the training loop (on CPU, the resident-set growth: "
           "approximate).", "",
-          f"Every method saw the same {', '.join(f'{t:,}' for t in sorted(tokens)) or '-'} training tokens in the "
-          f"same order (batch i is a pure function of seed {cfg.seed} and i) under the same schedule.", "",
+          "## Claims", "", claims_md, "", _CLAIMS_NOTE, "",
+          "## Learning rates", "", *lr_lines, "",
+          *(["## Memory plan", "", *plan_lines] if plan_lines else []),
+          *(["## Skipped", "", *skipped, ""] if skipped else []),
+          *(["## Failed runs (rerun the same command to redo them)", "", *failed, ""] if failed else []),
+          f"Every run saw {', '.join(f'{t:,}' for t in tokens) or '-'} training tokens; batch i is a pure function "
+          "of the seed and i, so runs of one seed see the same tokens in the same order.", "",
           "## Setup", "", "```json", json.dumps(setup, indent=1, default=str), "```", "",
-          "## Methods", "", "| method | registered method | options | lr |", "|---|---|---|---|",
-          *[f"| {r['label']} | {r['method']} | `{json.dumps(r.get('options', {}), sort_keys=True)}` | "
-            f"{r.get('lr', '-')} |" for r in rows], "",
+          "## Methods", "", "| method | registered method | options |", "|---|---|---|",
+          *[f"| {g['group']} | {g['method']} | `{json.dumps(g['options'], sort_keys=True)}` |" for g in groups], "",
           "## Versions", "", *[f"- {k}: {v}" for k, v in env.items()], ""]
     write_text_atomic(out / "results.md", "\n".join(md))
-    write_text_atomic(out / "bench.json", json.dumps({"setup": setup, "versions": env, "runs": rows}, indent=1,
-                                                 default=str))
-    plot_ppl_vs_memory(ok, out / "ppl_vs_memory.png")
-    plot_loss_curves(ok, out / "loss_curves.png")
+    write_text_atomic(out / "bench.json", json.dumps(
+        {"setup": setup, "versions": env, "reference": reference, "lrs": lr_info, "skipped": bp.skipped,
+         "groups": [{k: v for k, v in g.items() if k != "history"} for g in groups], "claims": claims, "runs": rows},
+        indent=1, default=str))
+    plot_ppl_vs_memory(groups, out / "ppl_vs_memory.png", reference)
+    plot_loss_curves(groups, out / "loss_curves.png")
+    return groups, claims_md
+
+
+_CLAIMS_NOTE = ("d = (1 + margin) ppl_B − ppl_A (positive: A better); spread = sqrt(sd_A² + sd_B²) over seeds; "
+                "held if d > spread, did not hold if d < −spread, else a tie. \"Equal memory\" compares methods at "
+                "the same --match-memory budget; \"less memory\" takes the pair whose memory ratio is closest to "
+                "the claim's.")
 
 
 def _save(fig, path: Path) -> None:
@@ -110,19 +228,29 @@ def _save(fig, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_ppl_vs_memory(rows: list[dict[str, Any]], path: Path) -> None:
-    """Eval perplexity against weights + gradients + optimizer state, one labelled point per method."""
+def plot_ppl_vs_memory(groups: list[dict[str, Any]], path: Path, reference: dict[str, float] | None = None) -> None:
+    """Eval perplexity (mean ± sd over seeds) against weights + gradients + optimizer state; one line per method
+    through its budgets (methods at one budget drawn 0.6% apart); the n-gram reference levels as horizontal lines."""
     from ..plots import plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        x, y = r["train_mem_bytes"] / MB, r["eval_ppl"]
-        ax.scatter(x, y, s=40)
-        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for g in groups:
+        by_label.setdefault(g["label"], []).append(g)
+    for i, (label, gs) in enumerate(by_label.items()):
+        gs = sorted(gs, key=lambda g: g["train_mem_mb"])
+        dodge = 1 + 0.006 * (i - (len(by_label) - 1) / 2)  # methods at equal memory side by side, not on top
+        ax.errorbar([g["train_mem_mb"] * dodge for g in gs], [g["ppl_mean"] for g in gs],
+                    yerr=[g["ppl_sd"] for g in gs], fmt="o-", ms=5, capsize=3, lw=1, label=label)
+    for name, style in (("unigram", ":"), ("bigram", "--")):
+        if reference and name in reference:
+            ax.axhline(reference[name], color="gray", ls=style, lw=1, label=f"{name} statistics")
     ax.set_xlabel("weights + gradients + optimizer state (MiB)")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel("validation perplexity (mean ± sd over seeds)")
+    ax.set_yscale("log")
     ax.set_title("perplexity vs training memory (lower-left is better)")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
 
 
@@ -135,35 +263,81 @@ def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def plot_loss_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Training loss (exponential moving average) per step and validation loss at each evaluation, per method."""
+def plot_loss_curves(groups: list[dict[str, Any]], path: Path) -> None:
+    """Training loss (EMA; mean over seeds, band ± sd) and validation loss (mean ± sd) per method; one panel per
+    --match-memory budget, one colour per method across panels."""
     from ..plots import plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        steps = [h["step"] for h in r["history"]]
-        (line,) = ax.plot(steps, _smooth([h["loss"] for h in r["history"]]), lw=1.2, label=r["label"])
-        evals = [(h["step"], h["eval_loss"]) for h in r["history"] if "eval_loss" in h]
-        if evals:
-            ax.plot(*zip(*evals), "o", color=line.get_color(), ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token): line = train EMA, dots = validation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    budgets = list(dict.fromkeys(g["budget"] for g in groups)) or [None]
+    labels = list(dict.fromkeys(g["label"] for g in groups))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.8), squeeze=False, sharey=True)
+    for ax, budget in zip(axes[0], budgets):
+        for g in (g for g in groups if g["budget"] == budget and g["history"]):
+            runs = g["history"]
+            steps = [h["step"] for h in runs[0]]
+            curves = [_smooth([h["loss"] for h in run]) for run in runs if len(run) == len(steps)]
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(len(steps))]
+            sd = [_sd([c[i] for c in curves]) for i in range(len(steps))]
+            color = colors[g["label"]]
+            ax.plot(steps, mean, lw=1.2, color=color, label=g["label"])
+            ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                            color=color, alpha=0.2, lw=0)
+            evals: dict[int, list[float]] = {}
+            for run in runs:
+                for h in run:
+                    if "eval_loss" in h:
+                        evals.setdefault(h["step"], []).append(h["eval_loss"])
+            if evals:
+                xs = sorted(evals)
+                ax.errorbar(xs, [statistics.fmean(evals[x]) for x in xs], yerr=[_sd(evals[x]) for x in xs],
+                            fmt="o", color=color, ms=3, capsize=2)
+        ax.set_title("" if budget is None else f"memory budget {budget}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss (nats/token): train EMA ± sd, dots: validation ± sd")
     _save(fig, path)
 
 
-def print_table(rows: list[dict[str, Any]], title: str) -> None:
+def plot_lr_sensitivity(tuned: dict[str, Any], path: Path) -> None:
+    """Final validation loss vs lr, one curve per method: the full-horizon trials solid, the first rung dashed;
+    error bars: sd over the tuning seeds; the chosen lr starred."""
+    from ..plots import plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    horizons = tuned["successive_halving"]["horizons"]
+    for name, m in tuned["methods"].items():
+        color = None
+        for steps, style in ((horizons[0], "--"), (horizons[-1], "-")):
+            trials = sorted((t for t in m["sweep"] if t["steps"] == steps and math.isfinite(t["mean"])),
+                            key=lambda t: t["lr"])
+            if not trials:
+                continue
+            line = ax.errorbar([t["lr"] for t in trials], [t["mean"] for t in trials],
+                               yerr=[t["sd"] for t in trials], fmt="o" + style, ms=4, capsize=2, lw=1,
+                               color=color, label=name if style == "-" else None, alpha=1 if style == "-" else 0.5)
+            color = line[0].get_color()
+        best = [t for t in m["sweep"] if t["steps"] == horizons[-1] and t["lr"] == m["lr"]]
+        if best:
+            ax.plot([m["lr"]], [best[0]["mean"]], "*", color=color, ms=12)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"lr sensitivity (solid: {horizons[-1]} steps, dashed: first rung, {horizons[0]} steps; "
+                 "star: tuned)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def print_table(groups: list[dict[str, Any]], title: str, reference: dict[str, float] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for i, (_, header, _) in enumerate(COLUMNS):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in rows:
-        flat = summary(row)
-        cells = [fmt(flat[k]) if flat.get(k) is not None else "-" for k, _, fmt in COLUMNS]
-        if row.get("status") != "ok":
-            cells[1] = f"[red]{row.get('status', 'failed')}[/]"
-        table.add_row(*cells)
+    for i, (header, _) in enumerate(COLUMNS):
+        table.add_column(header, justify="left" if i in (0, 1) else "right")
+    for row in table_rows(groups, reference):
+        table.add_row(*row)
     Console().print(table)

@@ -1,6 +1,7 @@
-"""One benchmark run: ``python -m rankwise.bench JOB.json`` trains one method and writes ``result.json``.
+"""One benchmark run: ``python -m rankwise.bench JOB.json --parent PID`` trains one method and writes
+``result.json`` (the bench reads it, and a rerun skips the run when it is there with the same ``job.json``).
 
-Each method runs in a fresh process (by default) so that its peak memory and throughput are its own.
+Each run has a fresh process (by default) so that its peak memory and throughput are its own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 from ..atomic import write_json_atomic
 from ..errors import RankwiseError
 from .budget import optimizer_state_estimate
-
 
 def memory_breakdown(model: torch.nn.Module, optimizer_state_bytes: int) -> dict[str, int]:
     """Bytes of weights (all parameters and buffers), gradients (trainable parameters) and optimizer state."""
@@ -42,7 +42,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     except RankwiseError:  # no shape formula for this optimizer: the exact final bytes
         optimizer_state = m["optimizer_state_bytes"]
     record = {
-        "label": job["label"], "method": cfg.method, "options": m["config"]["method_options"], "lr": cfg.lr,
+        "label": job["label"], "group": job.get("group", job["label"]), "budget": job.get("budget"),
+        "seed": cfg.seed, "method": cfg.method, "options": m["config"]["method_options"], "lr": cfg.lr,
         "initial_eval_loss": m["initial_eval_loss"], "eval_loss": m["final_eval_loss"], "eval_ppl": m["eval_ppl"],
         "final_train_loss": m["final_train_loss"], "trainable_params": m["trainable_params"],
         "total_params": m["total_params"], "tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"],
