@@ -18,6 +18,7 @@ unchanged (``AdapterLinear.base_layer``), so every adapter method trains on top 
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -94,6 +95,13 @@ def dequantize(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return dense.to(dtype or w.dtype)
 
 
+def clone_quantized(w: torch.Tensor) -> torch.Tensor:
+    """An exact copy of a quantized tensor (torchao's NF4 ``clone`` re-quantizes with default block sizes)."""
+    names, ctx = w.__tensor_flatten__()
+    inner = {n: getattr(w, n).clone() for n in names if getattr(w, n) is not None}
+    return type(w).__tensor_unflatten__(inner, ctx, w.shape, w.stride())
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor really holds: a tensor subclass (a quantized weight) counts its inner tensors."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -131,6 +139,14 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _DequantMatmul.apply(x, self.weight)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def __deepcopy__(self, memo: dict) -> "QuantizedLinear":
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "_parameters"})
+        new._parameters = {"weight": nn.Parameter(clone_quantized(self.weight), requires_grad=False),
+                           "bias": copy.deepcopy(self.bias, memo)}
+        return new
 
     def dense(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``deq(Q)`` in ``dtype`` (same function up to ``dtype``'s rounding)."""
