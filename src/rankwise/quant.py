@@ -204,6 +204,9 @@ def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
     for name, m in found:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, QuantizedLinear(m, scheme, name))
+    # DDP must not broadcast them (quantization is deterministic, every rank holds the same tensors)
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = ignored + [f"{name}.weight" for name, _ in found]
     return model
 
 

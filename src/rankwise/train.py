@@ -84,6 +84,9 @@ class TrainConfig:
             raise RankwiseError(f"unknown parallel mode {self.parallel!r}; valid: {', '.join(distributed.MODES)}")
         if self.quantize is not None and self.quantize not in ("nf4", "int8"):
             raise RankwiseError(f"unknown quantize {self.quantize!r}; valid: nf4, int8")
+        if self.quantize and self.parallel == "fsdp":
+            raise RankwiseError("--quantize does not shard with --parallel fsdp yet (quantized tensors split unevenly "
+                                "across ranks); use --parallel ddp")
         if self.dtype not in ("fp32", "bf16"):
             raise RankwiseError(f"unknown dtype {self.dtype!r}; valid: fp32, bf16")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:

@@ -100,3 +100,18 @@ def test_a_model_folder_without_config_and_a_missing_extra_fail_cleanly(runs, tm
     monkeypatch.setitem(sys.modules, "torchao", None)  # as if the [quant] extra were not installed
     assert main(["export", str(runs["nf4"][0]), "--merged", str(tmp_path / "out")]) == 2
     assert "rankwise[quant]" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_train_quantize_bad_input_writes_nothing(tmp_path, capsys):
+    from rankwise.models import build_model
+
+    data = text_corpus(tmp_path / "d.jsonl")
+    odd = tmp_path / "odd"  # hidden 40 x ffn 50: 2000 weights per MLP matrix, not a multiple of NF4's 64-blocks
+    build_model("tiny", vocab_size=512, hidden_size=40, intermediate_size=50, num_hidden_layers=1,
+                num_attention_heads=4).save_pretrained(str(odd))
+    common = ["--data", data, "--vocab-size", "300", "--steps", "1", "--seq-len", "16", "--quiet"]
+    for argv, message in ((["--preset", str(odd), "--method", "lora", "--target", "all-linear"], "blocks of 64"),
+                          (["--preset", str(odd), "--method", "full"], "adapter method")):
+        out = tmp_path / "out"
+        assert main(["train", *argv, "--quantize", "nf4", *common, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
