@@ -18,7 +18,9 @@ import argparse
 import copy
 import json
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,7 +29,7 @@ from rankwise.analysis.eora import compensate, dense_weight
 from rankwise.analysis.inputs import load_model, perplexity, token_batches
 from rankwise.analysis.layers import linear_weights
 from rankwise.analysis.welore import compress
-from rankwise.export import merged_model
+from rankwise.export import _requantized, merged_model
 from rankwise.methods import OptimConfig
 from rankwise.models import build_model
 from rankwise.plan import breakdown
@@ -100,6 +102,13 @@ def merge_error(run: str, data: str, vocab: int) -> dict:
             row[str(dtype).split(".")[-1]] = {"max_abs_logit_diff_over_max_logit":
                                               ((got - want).abs().max() / want.abs().max()).item(),
                                               "eval_loss_diff": math.log(perplexity(merged, batches)) - loss_q}
+        with tempfile.TemporaryDirectory() as tmp:  # --requantize int8: bf16 merge re-quantized through transformers
+            merged_model(copy.deepcopy(model), torch.bfloat16).save_pretrained(tmp)
+            requantized = _requantized(Path(tmp), torch.bfloat16)
+            got = requantized(input_ids=x).logits.float()
+            row["int8_requantized"] = {"max_abs_logit_diff_over_max_logit":
+                                       ((got - want).abs().max() / want.abs().max()).item(),
+                                       "eval_loss_diff": math.log(perplexity(requantized, batches)) - loss_q}
     return row
 
 
@@ -139,17 +148,22 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--libraries", action="store_true")
+    p.add_argument("--parts", nargs="+", default=["memory", "merge", "eora"], choices=["memory", "merge", "eora"])
     p.add_argument("--out", help="write the results here (JSON)")
     args = p.parse_args()
     cfg = json.loads(open(f"{args.run}/config.json").read())
-    results = {"memory": memory()}
-    print(json.dumps(results["memory"], indent=1))
+    results = {}
+    if "memory" in args.parts:
+        results["memory"] = memory()
+        print(json.dumps(results["memory"], indent=1))
     if args.libraries:
         results["libraries"] = libraries()
         print(json.dumps(results["libraries"], indent=1))
-    results["merge"] = merge_error(args.run, cfg["data"], cfg["vocab_size"])
-    print(json.dumps(results["merge"], indent=1))
-    results["eora"] = eora(args.run, cfg["data"], cfg["vocab_size"], args.ranks, args.calib_batches)
+    if "merge" in args.parts:
+        results["merge"] = merge_error(args.run, cfg["data"], cfg["vocab_size"])
+        print(json.dumps(results["merge"], indent=1))
+    if "eora" in args.parts:
+        results["eora"] = eora(args.run, cfg["data"], cfg["vocab_size"], args.ranks, args.calib_batches)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

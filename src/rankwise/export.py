@@ -150,10 +150,21 @@ def merged_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Modul
 
 
 def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
-                  device: str = "cpu") -> Path:
-    """``rankwise export RUN --merged DIR``: a transformers folder (safetensors) + tokenizer when available."""
+                  device: str = "cpu", requantize: str | None = None) -> Path:
+    """``rankwise export RUN --merged DIR``: a transformers folder (safetensors) + tokenizer when available.
+
+    ``requantize="int8"`` writes the merged weights re-quantized (torchao int8 weight-only, through transformers'
+    ``TorchAoConfig``; loading it needs torchao). NF4 cannot be written: transformers does not serialize it."""
     if dtype is not None and dtype not in DTYPES:
         raise RankwiseError(f"unknown --dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if requantize is not None:
+        if requantize != "int8":
+            raise RankwiseError(f"--requantize {requantize!r} cannot be written: transformers saves torchao's int8 "
+                                "but not its NF4 tensors; use --requantize int8, or the bf16 merge and quantize when "
+                                "loading (e.g. bitsandbytes load_in_4bit)")
+        from .quant import require_torchao
+
+        require_torchao("--requantize")
     out = Path(out)
     check_new_folder(out)  # before the (slow) load
     model, _, corpus = load_run(run_dir, device)
@@ -164,9 +175,23 @@ def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
                             " its checkpoint is already the model)")
     model = merged_model(model, DTYPES[dtype] if dtype else None)
     with staged(out) as tmp:
+        if requantize:
+            dense = tmp / ".merged"
+            model.save_pretrained(str(dense), safe_serialization=True)
+            model = _requantized(dense, model.dtype)
+            shutil.rmtree(dense)
         model.save_pretrained(str(tmp), safe_serialization=True)
         _save_tokenizer(Path(run_dir), corpus, tmp)
     return out
+
+
+def _requantized(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The merged folder reloaded with torchao int8 weight-only quantization (transformers' own path)."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
 
 
 def export_adapter(run_dir: str | os.PathLike, out: str | os.PathLike, device: str = "cpu") -> Path:

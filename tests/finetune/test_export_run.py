@@ -74,10 +74,24 @@ def test_merging_a_quantized_base_writes_bf16_close_to_the_quantized_model(runs,
     assert 0 < err < 3e-2  # bf16's 8-bit mantissa (measured ~1e-2 of the logits' range on this model)
 
 
+def test_requantized_merge_writes_int8_that_transformers_loads(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run, model = runs["nf4"]
+    assert main(["export", str(run), "--merged", str(tmp_path / "q"), "--requantize", "int8"]) == 0
+    q = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))
+    assert type(q.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    x = tokens()
+    want = logits(model, x)
+    err = (logits(q, x) - want).abs().max() / want.abs().max()
+    assert 0 < err < 5e-2  # a second quantization on top of bf16 (measured ~1e-2 here)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["export", "{root}", "--merged", "{out}"], "not a run folder"),
     (["export", "{plain}", "--merged", "{root}"], "not an empty folder"),
-    (["export", "{plain}", "--adapter", "{out}", "--dtype", "bf16"], "--dtype goes with --merged"),
+    (["export", "{plain}", "--adapter", "{out}", "--dtype", "bf16"], "go with --merged"),
+    (["export", "{plain}", "--merged", "{out}", "--requantize", "nf4"], "use --requantize int8"),
 ])
 def test_bad_input_is_one_clear_line(runs, tmp_path, capsys, argv, message):
     fill = {"root": str(runs["root"]), "plain": str(runs["plain"][0]), "out": str(tmp_path / "out")}
