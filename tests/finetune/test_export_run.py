@@ -129,3 +129,16 @@ def test_train_quantize_bad_input_writes_nothing(tmp_path, capsys):
         out = tmp_path / "out"
         assert main(["train", *argv, "--quantize", "nf4", *common, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_quantized_run_resumes_bit_exactly_and_evaluates(runs, tmp_path, capsys):
+    from rankwise.train import evaluate_checkpoint
+
+    run, model = runs["nf4"]
+    cut = tmp_path / "cut"
+    quick_run(cut, runs["base"], str(runs["root"] / "data.jsonl"), quantize="nf4", stop_at=2)
+    assert main(["train", "--resume", str(cut), "--quiet"]) == 0
+    full = json.loads((run / "metrics.json").read_text())
+    resumed = json.loads((cut / "metrics.json").read_text())
+    assert resumed["final_eval_loss"] == full["final_eval_loss"]
+    assert evaluate_checkpoint(str(cut))["eval_loss"] == pytest.approx(full["final_eval_loss"], abs=1e-6)

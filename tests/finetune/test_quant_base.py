@@ -139,3 +139,17 @@ def test_bad_input_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(RankwiseError, match=r"rankwise\[quant\]"):
         quant.quantize_base(adapters.apply(small_model(), "lora", r=4), "nf4")
+
+
+def test_bf16_autocast_matches_the_dense_layer_forward_and_backward():
+    q = quant.QuantizedLinear(torch.nn.Linear(128, 64), "nf4")
+    dense = q.dense(torch.float32)
+    x = torch.randn(4, 128, requires_grad=True)
+    xd = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yd = q(x), dense(xd)
+    assert y.dtype == yd.dtype == torch.bfloat16  # bias added after the matmul: one bf16 rounding apart
+    assert torch.allclose(y.float(), yd.float(), rtol=1e-2, atol=1e-2)
+    y.float().sum().backward()
+    yd.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.allclose(x.grad, xd.grad, rtol=1e-2, atol=1e-3)
