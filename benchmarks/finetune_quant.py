@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise import adapters, methods, quant
+from rankwise import methods, quant
 from rankwise.analysis.eora import compensate, dense_weight
 from rankwise.analysis.inputs import load_model, perplexity, token_batches
 from rankwise.analysis.layers import linear_weights
@@ -68,7 +68,8 @@ def libraries() -> dict:
     theirs = theirs.to("cpu")
     deq = {"torchao": quant.dequantize(ours.weight, torch.float32),
            "bitsandbytes": bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state).float()}
-    fns = {"torchao": lambda: ours(x), "bitsandbytes": lambda: theirs(x), "bf16 dense": lambda: F.linear(x, w.bfloat16())}
+    fns = {"torchao": lambda: ours(x), "bitsandbytes": lambda: theirs(x),
+           "bf16 dense": lambda: F.linear(x, w.bfloat16())}
     out = {}
     for name, fn in fns.items():
         fn()

@@ -186,8 +186,8 @@ class Plan:
                 ("total", self.total)]
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         base = f", {self.quantize} base" if self.quantize else ""
-        lines = [f"{self.method}{f' ({opts})' if opts else ''} on {self.model}{base}: batch {self.batch} x seq {self.seq}, "
-                 f"{self.dtype}, {self.trainable_params:,} of {self.total_params:,} params trainable",
+        lines = [f"{self.method}{f' ({opts})' if opts else ''} on {self.model}{base}: batch {self.batch} x seq "
+                 f"{self.seq}, {self.dtype}, {self.trainable_params:,} of {self.total_params:,} params trainable",
                  f"{'':28}{'GiB':>10}{'bytes':>18}"]
         lines += [f"{name:28}{n / GIB:10.3f}{n:18,}" for name, n in rows]
         other = "activations_checkpointed" if not self.checkpointing else "activations"
