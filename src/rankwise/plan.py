@@ -84,10 +84,12 @@ def breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, state_bytes: i
     Gradients: one per trainable parameter, in its dtype; with a layer-wise optimizer (``optimizer.layerwise``, which
     frees each gradient right after its update) only the largest one is alive at a time.
     """
+    from .quant import tensor_bytes
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     nbytes = [p.numel() * p.element_size() for p in trainable]
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    frozen += sum(b.numel() * b.element_size() for b in model.buffers())
+    frozen = sum(tensor_bytes(p) for p in model.parameters() if not p.requires_grad)  # quantized: real bytes
+    frozen += sum(tensor_bytes(b) for b in model.buffers())
     layerwise = getattr(optimizer, "layerwise", False)
     return {
         "weights_trainable": sum(nbytes),
@@ -159,6 +161,7 @@ class Plan:
     budget: int | None = None
     largest_rank: int | None = None
     notes: list[str] = field(default_factory=list)
+    quantize: str | None = None
 
     @property
     def total(self) -> int:
@@ -182,8 +185,9 @@ class Plan:
                  self.bytes["activations_checkpointed" if self.checkpointing else "activations"]),
                 ("total", self.total)]
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        lines = [f"{self.method}{f' ({opts})' if opts else ''} on {self.model}: batch {self.batch} x seq {self.seq}, "
-                 f"{self.dtype}, {self.trainable_params:,} of {self.total_params:,} params trainable",
+        base = f", {self.quantize} base" if self.quantize else ""
+        lines = [f"{self.method}{f' ({opts})' if opts else ''} on {self.model}{base}: batch {self.batch} x seq "
+                 f"{self.seq}, {self.dtype}, {self.trainable_params:,} of {self.total_params:,} params trainable",
                  f"{'':28}{'GiB':>10}{'bytes':>18}"]
         lines += [f"{name:28}{n / GIB:10.3f}{n:18,}" for name, n in rows]
         other = "activations_checkpointed" if not self.checkpointing else "activations"
@@ -217,14 +221,18 @@ def _state_bytes(method: Method, model: nn.Module, optimizer: torch.optim.Optimi
     return optimizer_state_bytes(optimizer)
 
 
-def _plan_weights(config, method_name: str, options: dict[str, Any], dtype: str) -> tuple[dict[str, int], int, int,
-                                                                                          Method]:
+def _plan_weights(config, method_name: str, options: dict[str, Any], dtype: str,
+                  quantize: str | None = None) -> tuple[dict[str, int], int, int, Method]:
     method = methods_mod.get(method_name, **options)
     model = _meta_model(config, DTYPES[dtype][0])
     if method.calibration_batches:  # gradient-based inits see meta batches: only their shapes matter
         ids = torch.zeros(1, 9, dtype=torch.long, device="meta")
         method.calibrate(model, [ids] * method.calibration_batches)
     model = method.prepare(model)
+    if quantize:
+        from .quant import quantize_method_base
+
+        model = quantize_method_base(model, method, quantize)
     optimizer = method.build_optimizer(model, OptimConfig())
     counts = breakdown(model, optimizer, _state_bytes(method, model, optimizer))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -233,13 +241,14 @@ def _plan_weights(config, method_name: str, options: dict[str, Any], dtype: str)
 
 def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None, batch: int = 1, seq: int = 2048,
          dtype: str = "bf16", budget: str | int | None = None, checkpointing: bool = False,
-         options: dict[str, Any] | None = None, vocab_size: int | None = None) -> Plan:
+         options: dict[str, Any] | None = None, vocab_size: int | None = None, quantize: str | None = None) -> Plan:
     """Plan the memory of training ``model`` (a preset or a transformers config path) with ``method``.
 
     ``dtype``: ``bf16`` (weights, gradients, state and activations in bf16, as in GaLore's 7B setting), ``fp32``, or
     ``amp`` (fp32 weights, bf16 autocast activations: ``rankwise train --dtype bf16``). ``budget``: bytes or a string
     like ``24GB``; then ``fits`` answers and, for methods with a ``rank`` option, ``largest_rank`` is the largest rank
-    whose plan fits (bisection: memory grows with rank).
+    whose plan fits (bisection: memory grows with rank). ``quantize``: ``nf4`` / ``int8`` frozen base (adapter
+    methods; ``rankwise train --quantize``), counted in its real quantized bytes.
     """
     if dtype not in DTYPES:
         raise RankwiseError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -255,12 +264,12 @@ def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None,
     options = dict(options or {})
     if rank is not None:
         options["rank"] = rank
-    counts, trainable, total, built = _plan_weights(config, method, options, dtype)
+    counts, trainable, total, built = _plan_weights(config, method, options, dtype, quantize)
     e = DTYPES[dtype][1]
     counts["activations"] = activation_bytes(config, batch, seq, e)
     counts["activations_checkpointed"] = activation_bytes(config, batch, seq, e, checkpointing=True)
     result = Plan(model, method, built.describe(), batch, seq, dtype, checkpointing, trainable, total, counts,
-                  budget_bytes)
+                  budget_bytes, quantize=quantize)
     if budget_bytes is not None and "rank" in methods_mod.info(method).options():
         result.largest_rank = _largest_rank(result, config, options)
     return result
@@ -278,7 +287,7 @@ def _largest_rank(base: Plan, config, options: dict[str, Any]) -> int | None:
     def need(r: int) -> int | None:
         if r not in cache:
             try:
-                counts, _, _, _ = _plan_weights(config, base.method, {**options, "rank": r}, base.dtype)
+                counts, _, _, _ = _plan_weights(config, base.method, {**options, "rank": r}, base.dtype, base.quantize)
                 cache[r] = static + sum(counts.values())
             except RankwiseError:  # rank invalid for some matrix (larger than min(m, n))
                 cache[r] = None
@@ -309,7 +318,8 @@ def _largest_rank(base: Plan, config, options: dict[str, Any]) -> int | None:
 def compare(model: str = "llama-7b", rank: int | None = None, methods: list[str] | None = None,
             **kwargs: Any) -> list[Plan]:
     """``plan`` for every registered method (or ``methods``); ``rank`` goes to the methods that take one."""
-    names = methods or [m.name for m in methods_mod.available()]
+    names = methods or [m.name for m in methods_mod.available()
+                        if not kwargs.get("quantize") or m.family in ("adapters", "moe")]  # a frozen base
     plans = []
     for name in names:
         takes_rank = "rank" in methods_mod.info(name).options()

@@ -65,6 +65,7 @@ class TrainConfig:
     resume: str | None = None
     device: str = "auto"
     parallel: str = "ddp"  # with several processes (torchrun): ddp or fsdp (FSDP2 fully_shard)
+    quantize: str | None = None  # nf4 / int8: frozen quantized base for adapter methods (rankwise.quant)
     quiet: bool = False
 
     def validate(self) -> None:
@@ -81,6 +82,11 @@ class TrainConfig:
             raise RankwiseError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.parallel not in distributed.MODES:
             raise RankwiseError(f"unknown parallel mode {self.parallel!r}; valid: {', '.join(distributed.MODES)}")
+        if self.quantize is not None and self.quantize not in ("nf4", "int8"):
+            raise RankwiseError(f"unknown quantize {self.quantize!r}; valid: nf4, int8")
+        if self.quantize and self.parallel == "fsdp":
+            raise RankwiseError("--quantize does not shard with --parallel fsdp yet (quantized tensors split unevenly "
+                                "across ranks); use --parallel ddp")
         if self.dtype not in ("fp32", "bf16"):
             raise RankwiseError(f"unknown dtype {self.dtype!r}; valid: fp32, bf16")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
@@ -339,6 +345,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     out.write_json("metrics.json", metrics)
     out.close()
     if out.dir:
+        from .export import save_run_adapter
+
+        save_run_adapter(model, out.dir, cfg.preset)
+    if out.dir:
         from .plots import loss_curve
 
         loss_curve(out.dir / "metrics.jsonl", out.dir / "loss_curve.png", title=f"{method.name} on {cfg.preset}")
@@ -355,7 +365,12 @@ def _build_model(cfg: TrainConfig, model: nn.Module | None, method: Method, corp
     model.to(device)
     if method.calibration_batches:
         method.calibrate(model, [train_data.train_batch(-1 - i).to(device) for i in range(method.calibration_batches)])
-    return method.prepare(model).to(device)
+    model = method.prepare(model)
+    if cfg.quantize:
+        from .quant import quantize_method_base
+
+        model = quantize_method_base(model, method, cfg.quantize)
+    return model.to(device)
 
 
 def evaluate_checkpoint(run_dir: str, data: str | None = None, eval_batches: int | None = None,

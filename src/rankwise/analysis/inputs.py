@@ -33,7 +33,12 @@ def load_model(spec: str, data: str | None = None, vocab_size: int = 8192, seed:
         cfg = TrainConfig.from_dict(state["config"])
         corpus = prepare(cfg.data, cfg.vocab_size)
         model = build_model(cfg.preset, vocab_size=corpus.vocab_size, seed=cfg.seed)
-        model = methods.get(cfg.method, **cfg.method_options).prepare(model)
+        method = methods.get(cfg.method, **cfg.method_options)
+        model = method.prepare(model)
+        if cfg.quantize:
+            from ..quant import quantize_method_base
+
+            model = quantize_method_base(model, method, cfg.quantize)
         model.load_state_dict(state["model"])
         return LoadedModel(model, data or cfg.data, cfg.vocab_size)
     if spec not in PRESETS and not os.path.isdir(spec):

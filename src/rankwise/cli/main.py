@@ -21,6 +21,7 @@ COMMANDS = [
     "plan",
     "analyze",
     "compress",
+    "export",
 ]
 
 

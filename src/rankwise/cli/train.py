@@ -86,6 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR bit-exactly (its config is reused)")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (DDP/FSDP; default 1)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="with several processes: ddp or fsdp (default ddp)")
+    p.add_argument("--quantize", choices=["nf4", "int8"],
+                   help="adapter methods: store the frozen base's linear weights in 4-bit NF4 or int8 (QLoRA-style; "
+                        "needs the [quant] extra)")
     p.set_defaults(func=run)
 
 
