@@ -1,6 +1,7 @@
 """``rankwise compress --model DIR|PRESET --ratio R --out DIR``: WeLore's one-shot non-uniform rank reduction
 (Jaiswal et al. 2024): a global threshold on min-max normalised spectra removes a fraction R of all ranks; prints
-perplexity before / after and writes a plain transformers model folder (+ welore.json with the ranks)."""
+perplexity before / after and writes a plain transformers model folder with the model's tokenizer (+ welore.json
+with the ranks)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.inputs import load_model, perplexity, token_batches
     from ..analysis.report import write_json
     from ..analysis.welore import compress, densify
+    from ..data import prepare
     from ..errors import RankwiseError
 
     if args.eval_batches < 0:
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise RankwiseError(f"--out {str(out)!r} exists and is not an empty folder; choose a new folder")
     loaded = load_model(args.model, args.data, args.vocab_size)
     model = loaded.model
-    batches = (token_batches(loaded.data, args.vocab_size, args.eval_batches, 8, args.seq_len, split="val")
+    batches = (token_batches(loaded.data, loaded.vocab_size, args.eval_batches, 8, args.seq_len, split="val",
+                             tokenizer=loaded.tokenizer)
                if args.eval_batches else [])
     result = {"model": args.model, "ratio": args.ratio, "rule": args.rule}
     if batches:
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         try:
             densify(model).save_pretrained(tmp)
+            tokenizer = loaded.tokenizer or prepare(loaded.data, loaded.vocab_size).hf_tokenizer
+            tokenizer.save_pretrained(tmp)
             write_json(result, tmp / "welore.json")
             if out.exists():
                 out.rmdir()

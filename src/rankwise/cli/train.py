@@ -35,7 +35,11 @@ def method_options(args: argparse.Namespace) -> dict:
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by commands that train (train, bench); every default is TrainConfig's."""
     d = TrainConfig()
-    p.add_argument("--preset", help=f"model preset or transformers config/model folder (default {d.preset})")
+    p.add_argument("--preset", help=f"model preset (random init) or transformers config/model folder "
+                                    f"(default {d.preset})")
+    p.add_argument("--model", metavar="NAME_OR_DIR",
+                   help="start from pretrained weights, tokenized with the model's own tokenizer: a `rankwise train "
+                        "--out` folder, a transformers folder (save_pretrained) or a Hugging Face hub name")
     p.add_argument("--data", help=f"stdlib-docs, stdlib-code, a .txt/.jsonl file or folder, hf:NAME[:CONFIG] "
                                   f"(default {d.data})")
     p.add_argument("--vocab-size", type=int, help=f"tokenizer vocabulary (default {d.vocab_size})")
@@ -100,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         base = TrainConfig.from_dict(checkpoint.load(args.resume)["config"])
         base.stop_at = None
         base.out = args.out or args.resume
+    if args.model is not None and args.preset is not None:
+        raise RankwiseError("--model and --preset both name the model; pass one (--model: pretrained weights, "
+                            "--preset: an architecture trained from scratch)")
     cfg = config_from_args(args, base)
     cfg.resume = args.resume
     if args.nproc < 1:
