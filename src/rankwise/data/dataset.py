@@ -103,7 +103,8 @@ def prepare(source: str = "stdlib-docs", vocab_size: int = 8192, val_fraction: f
         val_docs = [d for d in docs if is_validation(d, val_fraction)]
         if not train_docs or not val_docs:
             raise RankwiseError(f"data source {source!r} is too small to split into train and validation "
-                                f"({len(docs)} document(s)); give it more text")
+                                f"({len(docs)} document(s); a .txt file is split at blank lines, .jsonl has one "
+                                "per line); give it more documents")
         tok = given or as_transformers(train_tokenizer(train_docs, vocab_size))
         vocab = tok.backend_tokenizer.get_vocab_size()
         dtype = np.uint16 if vocab <= 2**16 else np.uint32
