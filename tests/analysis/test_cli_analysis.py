@@ -12,6 +12,7 @@ from rankwise.models import build_model
 def model_dir(tmp_path_factory, corpus):
     path = tmp_path_factory.mktemp("model")
     small_llama(vocab=corpus.vocab_size).save_pretrained(path)
+    corpus.save_tokenizer(path)  # a model folder with weights carries its tokenizer (else: one clear error)
     return str(path)
 
 
@@ -44,6 +45,10 @@ def test_compress_ratio_zero_keeps_ppl_and_ratio_half_writes_a_smaller_model(mod
     saved = json.loads((out / "welore.json").read_text())
     assert saved["ranks"] == res["ranks"]
     reloaded = build_model(str(out))  # a plain transformers model folder, the compressed function
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("x = 1")["input_ids"] == AutoTokenizer.from_pretrained(model_dir)(
+        "x = 1")["input_ids"]  # with the model's tokenizer
     w = reloaded.get_submodule(res["lrc"][0]).weight
     assert torch.linalg.matrix_rank(w.double(), rtol=1e-4).item() == res["ranks"][res["lrc"][0]]
 

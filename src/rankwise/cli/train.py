@@ -1,4 +1,5 @@
-"""``rankwise train``: train one model with one method and write metrics, plots and a checkpoint to --out."""
+"""``rankwise train``: train one model with one method and write metrics, plots, its tokenizer and a checkpoint to
+--out (default: a new folder ``runs/<method>-<UTC time>``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import logging
 import os
+import sys
+import time
 from dataclasses import fields
 
 from ..errors import RankwiseError
@@ -84,7 +87,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with one method", description=__doc__)
     p.add_argument("--method", help="a registered method (`rankwise methods`; default full)")
     add_train_flags(p)
-    p.add_argument("--out", help="run folder: metrics.json(l), loss_curve.png, checkpoint.pt")
+    p.add_argument("--out", help="run folder: metrics.json(l), train_config.json, loss_curve.png, tokenizer, "
+                                 "checkpoint.pt (default: a new runs/<method>-<UTC time>)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--stop-at", type=int, help="stop after this step, resumable (for time-sliced jobs)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR bit-exactly (its config is reused)")
@@ -109,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
                             "--preset: an architecture trained from scratch)")
     cfg = config_from_args(args, base)
     cfg.resume = args.resume
+    if cfg.out is None:
+        if "WORLD_SIZE" in os.environ:  # torchrun: ranks would not agree on a time-stamped name
+            print("rankwise train: warning: no --out given; nothing will be saved", file=sys.stderr)
+        else:
+            cfg.out = default_out(cfg.method)  # named in the summary line at the end
     if args.nproc < 1:
         raise RankwiseError(f"--nproc must be a positive integer, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -126,6 +135,16 @@ def run(args: argparse.Namespace) -> int:
           f"{m['optimizer_state_bytes'] / 2**20:.2f} MiB | peak mem {m['peak_mem_bytes'] / 2**20:.1f} MiB"
           + (f" | wrote {cfg.out}" if cfg.out else ""))
     return 0
+
+
+def default_out(method: str, root: str = "runs") -> str:
+    """``runs/<method>-<UTC time>``, with a ``-N`` suffix if that folder exists."""
+    stem = os.path.join(root, f"{method}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    path, n = stem, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}"
+    return path
 
 
 def train_metrics(cfg: TrainConfig) -> dict:
