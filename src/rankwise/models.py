@@ -23,7 +23,8 @@ from .errors import RankwiseError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+                "welore.safetensors")  # the last: `rankwise compress` factors (rankwise.analysis.welore)
 TRAIN_CONFIG = "train_config.json"  # a run's training config (``config.json`` in runs before this name)
 
 
@@ -124,6 +125,10 @@ def load_pretrained(spec: str, device: str | torch.device = "cpu") -> nn.Module:
             raise RankwiseError(f"model folder {spec!r} holds no weights ({', '.join(WEIGHT_FILES[:2])}) and no "
                                 "rankwise checkpoint; save it with save_pretrained, or pass it as --preset to "
                                 "train its config from scratch")
+        if os.path.exists(os.path.join(spec, "welore.safetensors")):
+            from .analysis.welore import load_factored
+
+            return load_factored(spec).to(device)
         return AutoModelForCausalLM.from_pretrained(spec).to(device)
     if spec in PRESETS or not _looks_like_hub_name(spec):
         raise RankwiseError(f"--model {spec!r} is not a folder or hub name; pass a `rankwise train --out` folder, a "

@@ -1,7 +1,9 @@
 """``rankwise compress --model DIR|PRESET --ratio R --out DIR``: WeLore's one-shot non-uniform rank reduction
 (Jaiswal et al. 2024): a global threshold on min-max normalised spectra removes a fraction R of all ranks; prints
-perplexity before / after and writes a plain transformers model folder with the model's tokenizer (+ welore.json
-with the ranks)."""
+perplexity before / after (with the sequence length it was measured at) and writes the compressed model with its
+tokenizer: by default its factors (``welore.safetensors``: each compressed layer as B and A, so the saving shows on
+disk; ``--model DIR`` in rankwise loads it), with ``--dense`` a plain transformers folder holding the dense B·A
+(as large as the original); welore.json has the ranks."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default 8192)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches for perplexity (0 = skip)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per validation window (default 128)")
-    p.add_argument("--out", help="new folder for the compressed model")
+    p.add_argument("--out", help="new folder for the compressed model (factors; see --dense)")
+    p.add_argument("--dense", action="store_true",
+                   help="write dense B·A weights: a plain transformers folder (as large as the original)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -33,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..analysis.inputs import load_model, perplexity, token_batches
     from ..analysis.report import write_json
-    from ..analysis.welore import compress, densify
+    from ..analysis.welore import compress, densify, save_factored
     from ..data import prepare
     from ..errors import RankwiseError
 
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     batches = (token_batches(loaded.data, loaded.vocab_size, args.eval_batches, 8, args.seq_len, split="val",
                              tokenizer=loaded.tokenizer)
                if args.eval_batches else [])
-    result = {"model": args.model, "ratio": args.ratio, "rule": args.rule}
+    result = {"model": args.model, "ratio": args.ratio, "rule": args.rule, "seq_len": args.seq_len}
     if batches:
         result["ppl_before"] = perplexity(model, batches)
     report = compress(model, args.ratio, args.min_ratio, args.rule)
@@ -61,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         try:
-            densify(model).save_pretrained(tmp)
+            if args.dense:
+                densify(model).save_pretrained(tmp)
+            else:
+                result["factored"] = save_factored(model, tmp)
             tokenizer = loaded.tokenizer or prepare(loaded.data, loaded.vocab_size).hf_tokenizer
             tokenizer.save_pretrained(tmp)
             write_json(result, tmp / "welore.json")
@@ -73,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    ppl = (f"; ppl {result['ppl_before']:.2f} -> {result['ppl_after']:.2f}" if batches else "")
+    ppl = (f"; ppl {result['ppl_before']:.2f} -> {result['ppl_after']:.2f} (seq-len {args.seq_len})"
+           if batches else "")
     print(f"{args.rule}: removed {report.rank_reduction:.1%} of ranks in {len(report.lrc)} matrices, "
           f"parameters {report.params_before:,} -> {report.params_after:,} ({report.param_ratio:.1%}){ppl}")
     if out is not None:
-        print(f"wrote {out} (plain transformers model; ranks in welore.json)")
+        size = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".safetensors", ".bin"))
+        kind = "plain transformers model, dense B·A" if args.dense else "factors; rankwise --model loads it"
+        print(f"wrote {out} ({kind}; weights {size / 2**20:.1f} MiB; ranks in welore.json)")
     return 0

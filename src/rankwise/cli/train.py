@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"{m['method']}: eval loss {m['initial_eval_loss']:.4f} -> {m['final_eval_loss']:.4f} "
-          f"(ppl {m['eval_ppl']:.2f}) | {m['tokens_per_s']:,.0f} tokens/s | optimizer state "
+          f"(ppl {m['eval_ppl']:.2f} at seq-len {cfg.seq_len}) | {m['tokens_per_s']:,.0f} tokens/s | optimizer state "
           f"{m['optimizer_state_bytes'] / 2**20:.2f} MiB | peak mem {m['peak_mem_bytes'] / 2**20:.1f} MiB"
           + (f" | wrote {cfg.out}" if cfg.out else ""))
     return 0
