@@ -140,10 +140,14 @@ def test_finetuning_an_hf_folder_tokenizes_with_its_autotokenizer(hf_folder, tmp
 
 def test_cache_key_includes_the_tokenizer(hf_folder, corpus, tmp_path):
     data = str(held_out_file(tmp_path / "k.jsonl", seed=3))
-    dirs = {prepare(data, 8192).directory, prepare(data, 4096).directory,
-            prepare(data, tokenizer=corpus.tokenizer).directory,
+    own = prepare(data, 8192)
+    dirs = {own.directory, prepare(data, 4096).directory, prepare(data, tokenizer=corpus.tokenizer).directory,
             prepare(data, tokenizer=model_tokenizer(str(hf_folder))).directory}
     assert len(dirs) == 4
+    # the corpus tokenized with its own BPE is found again by that tokenizer (eval / resume of a run trained on it)
+    # (on this 12-word text the 4096- and 8192-token BPEs are the same tokenizer: either cache serves)
+    found = prepare(data, tokenizer=own.hf_tokenizer)
+    assert "-town-v" in found.directory.name and found.val.tolist() == own.val.tolist()
 
 
 def test_model_errors_are_one_clear_message(hf_folder, tmp_path, monkeypatch):

@@ -113,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                             "--preset: an architecture trained from scratch)")
     cfg = config_from_args(args, base)
     cfg.resume = args.resume
+    if cfg.model is not None and os.path.isdir(cfg.model):
+        cfg.model = os.path.abspath(cfg.model)  # the run's config names its base wherever it is read from
     if cfg.out is None:
         if "WORLD_SIZE" in os.environ:  # torchrun: ranks would not agree on a time-stamped name
             print("rankwise train: warning: no --out given; nothing will be saved", file=sys.stderr)

@@ -94,8 +94,10 @@ def prepare(source: str = "stdlib-docs", vocab_size: int = 8192, val_fraction: f
         raise RankwiseError(f"vocab_size must be above 256 (the byte alphabet), got {vocab_size}")
     given = None if tokenizer is None else as_transformers(tokenizer)
     tok_key = f"own-v{vocab_size}" if given is None else tokenizer_id(given)
-    key = f"{FORMAT_VERSION}-{sources.fingerprint(source)}-f{val_fraction}-t{tok_key}"
-    directory = cache_root() / "corpora" / key
+    stem = f"{FORMAT_VERSION}-{sources.fingerprint(source)}-f{val_fraction}"
+    directory = cache_root() / "corpora" / f"{stem}-t{tok_key}"
+    if given is not None and not (directory / "meta.json").exists():
+        directory = _own_corpus_with(stem, tok_key) or directory
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         docs = sources.documents(source)
@@ -114,12 +116,21 @@ def prepare(source: str = "stdlib-docs", vocab_size: int = 8192, val_fraction: f
             arr = _encode(tok, split_docs, dtype)
             write_atomic(directory / f"{name}.bin", lambda p, a=arr: a.tofile(p))
         meta = {"source": source, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "eos_id": tok.eos_token_id,
-                "tokenizer": tok_key, "documents": {"train": len(train_docs), "val": len(val_docs)}}
+                "tokenizer": tokenizer_id(tok), "documents": {"train": len(train_docs), "val": len(val_docs)}}
         write_atomic(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     meta = json.loads(meta_path.read_text())
     arrays = {name: np.memmap(directory / f"{name}.bin", dtype=meta["dtype"], mode="r") for name in ("train", "val")}
     tok = given or load_pretrained_tokenizer(str(directory / "tokenizer"))
     return TokenizedCorpus(source, tok.backend_tokenizer, arrays["train"], arrays["val"], directory, tok)
+
+
+def _own_corpus_with(stem: str, tok_id: str) -> Path | None:
+    """The cached corpus of this source whose own BPE is the tokenizer ``tok_id`` (a run trained on it being
+    evaluated or resumed), so it is not tokenized twice."""
+    for meta in sorted((cache_root() / "corpora").glob(f"{stem}-town-v*/meta.json")):
+        if json.loads(meta.read_text()).get("tokenizer") == tok_id:
+            return meta.parent
+    return None
 
 
 class Batches:
