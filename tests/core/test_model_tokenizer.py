@@ -99,6 +99,13 @@ def test_model_run_dir_starts_from_the_runs_weights_with_adapters_merged(corpus,
     second = train(quick_config(model=str(base), steps=1, seq_len=32, eval_batches=2), corpus=corpus)
     assert second.metrics["initial_eval_loss"] == pytest.approx(first.metrics["final_eval_loss"], abs=1e-5)
     assert not any("lora" in n for n, _ in second.model.named_parameters())
+    # compress exports the merged function with the run's tokenizer, and the folder is a model spec again
+    comp = tmp_path / "comp"
+    assert main(["compress", "--model", str(base), "--ratio", "0", "--eval-batches", "0", "--out", str(comp)]) == 0
+    x = torch.randint(0, 8192, (1, 16))
+    with torch.no_grad():  # ratio 0 keeps every rank: the same function as the adapted run
+        assert torch.allclose(load_pretrained(str(comp))(x).logits, first.model(x).logits, atol=1e-4)
+    assert model_tokenizer(str(comp)).backend_tokenizer.to_str() == corpus.hf_tokenizer.backend_tokenizer.to_str()
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,16 @@ class LoadedModel:
 
 def load_model(spec: str, data: str | None = None, vocab_size: int = 8192, seed: int = 0) -> LoadedModel:
     """``spec``: a preset name (random init), a transformers folder (``config.json`` [+ weights]) or the ``--out``
-    folder of ``rankwise train`` (its method is re-applied, then its checkpoint loaded). The model's own tokenizer
+    folder of ``rankwise train`` (its method is re-applied, its checkpoint loaded, then adapters are merged and
+    reparameterized layers made dense: the function it computes, as plain linear layers). The model's own tokenizer
     comes with it (a run's or a folder's); only a preset or a config-only folder pairs with a new BPE."""
     from ..data import prepare
-    from ..models import PRESETS, build_model, is_run, model_tokenizer
+    from ..models import PRESETS, build_model, is_run, model_tokenizer, plain_model
     from ..train import load_run
 
     if is_run(spec):
         run = load_run(spec)
-        return LoadedModel(run.model, data or run.config.data, run.config.vocab_size, run.tokenizer)
+        return LoadedModel(plain_model(run.model), data or run.config.data, run.config.vocab_size, run.tokenizer)
     if spec not in PRESETS and not os.path.isdir(spec):
         raise RankwiseError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}), a transformers model "
                             "folder nor a `rankwise train --out` folder")
