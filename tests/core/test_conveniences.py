@@ -11,7 +11,6 @@ from rankwise_testing import quick_config
 
 from rankwise.cli.main import main, parse_args
 from rankwise.cli.train import config_from_args, default_out
-from rankwise.errors import RankwiseError
 from rankwise.generation import generate, prompt_ids
 from rankwise.train import train
 

@@ -37,10 +37,6 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
-
-
 def as_transformers(tok: "Tokenizer | PreTrainedTokenizerBase") -> "PreTrainedTokenizerBase":
     """``tok`` as a transformers fast tokenizer; a bare ``tokenizers.Tokenizer`` must hold ``<|endoftext|>``."""
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
