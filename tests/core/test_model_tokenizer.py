@@ -173,3 +173,17 @@ def test_model_errors_are_one_clear_message(hf_folder, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert main(["train", "--model", str(hf_folder), "--preset", "tiny", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_merged_folder_carries_the_base_tokenizer(hf_folder, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rankwise import adapters
+
+    model = AutoModelForCausalLM.from_pretrained(hf_folder)
+    adapters.apply(model, "lora", r=2, target="q_proj")
+    adapters.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(hf_folder))
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    text = "river stone lantern"
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(hf_folder)(text)["input_ids"]

@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import adapters
-    from ..models import PRESETS, build_model, model_tokenizer
+    from ..data.tokenizer import has_tokenizer
+    from ..models import PRESETS, build_model, is_run, model_tokenizer
 
     config = adapters.read_config(args.adapter)
     base = args.base or config.get("base_model_name_or_path")
@@ -41,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         model.save_pretrained(tmp)
-        tokenizer = model_tokenizer(base)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        if is_run(base) or has_tokenizer(base):  # the base's tokenizer travels with the merged weights
+            model_tokenizer(base).save_pretrained(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
