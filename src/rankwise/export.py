@@ -28,7 +28,6 @@ from .errors import RankwiseError
 
 log = logging.getLogger("rankwise")
 ADAPTER_DIR = "adapter"
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,61 +74,41 @@ def staged(out: Path, replace: bool = False) -> Iterator[Path]:
 
 
 def run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` a run wrote (readable without unpickling the checkpoint)."""
+    """The training config a run wrote (``train_config.json``, ``config.json`` in older runs), readable without
+    unpickling the checkpoint."""
     from . import checkpoint as ckpt
+    from .models import TRAIN_CONFIG
 
     run = Path(run_dir)
     if not (run / ckpt.CHECKPOINT_FILE).is_file():
         raise RankwiseError(f"{str(run)!r} is not a run folder (no {ckpt.CHECKPOINT_FILE}); pass the --out folder of "
                             "`rankwise train`")
-    try:
-        return json.loads((run / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    for name in (TRAIN_CONFIG, "config.json"):
+        try:
+            d = json.loads((run / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "method" in d:
+            return d
+    return {}
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
-    """(model as trained: adapters attached, base quantized if it was; the run's ``TrainConfig``; its corpus)."""
-    from . import checkpoint as ckpt
-    from . import distributed
-    from . import methods as methods_mod
-    from .data import Batches, prepare
-    from .train import TrainConfig, _build_model, resolve_device
+    """(model as trained: adapters attached, base quantized if it was; the run's ``TrainConfig``; its tokenizer)."""
+    from .train import load_run as load_train_run
 
-    if run_config(run_dir).get("quantize"):
+    cfg = run_config(run_dir)
+    if cfg.get("quantize"):
         from .quant import require_torchao
 
         require_torchao("this run has a quantized base; reading it")
-    state = ckpt.load(run_dir)
-    cfg = TrainConfig.from_dict(state["config"])
-    if os.path.isdir(cfg.preset) and not os.path.isfile(os.path.join(cfg.preset, "config.json")):
-        raise RankwiseError(f"the run's model folder {cfg.preset!r} has no config.json; restore the transformers "
+    base = cfg.get("model") or cfg.get("preset")
+    if base and os.path.isdir(base) and not os.path.isfile(os.path.join(base, "config.json")):
+        raise RankwiseError(f"the run's model folder {base!r} has no config.json; restore the transformers "
                             "model folder the run was trained from")
-    dev = resolve_device(device)
-    method = methods_mod.get(cfg.method, **cfg.method_options)
-    corpus = prepare(cfg.data, cfg.vocab_size)
-    model = _build_model(cfg, None, method, corpus, Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed), dev)
-    distributed.load_full_model(model, state, str(run_dir))
-    model.eval()
-    return model, cfg, corpus
-
-
-def _save_tokenizer(run_dir: Path, corpus: Any, out: Path) -> str | None:
-    """The run's transformers tokenizer (``RUN/tokenizer/`` or tokenizer files in ``RUN``), else the corpus's
-    byte-level BPE wrapped as one; None if neither can be written."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    for folder in (run_dir / "tokenizer", run_dir):
-        if any((folder / f).is_file() for f in TOKENIZER_FILES):
-            AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(out))
-            return str(folder)
-    tok = getattr(corpus, "tokenizer", None)
-    if tok is None:
-        return None
-    from .data.tokenizer import EOS
-
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(str(out))
-    return "corpus"
+    run = load_train_run(str(run_dir), device)
+    run.model.eval()
+    return run.model, run.config, run.tokenizer
 
 
 def merged_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -167,7 +146,7 @@ def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
         require_torchao("--requantize")
     out = Path(out)
     check_new_folder(out)  # before the (slow) load
-    model, _, corpus = load_run(run_dir, device)
+    model, _, tokenizer = load_run(run_dir, device)
     from .adapters import adapter_layers
 
     if not adapter_layers(model):
@@ -181,7 +160,8 @@ def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
             model = _requantized(dense, model.dtype)
             shutil.rmtree(dense)
         model.save_pretrained(str(tmp), safe_serialization=True)
-        _save_tokenizer(Path(run_dir), corpus, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return out
 
 
@@ -204,5 +184,5 @@ def export_adapter(run_dir: str | os.PathLike, out: str | os.PathLike, device: s
     if not adapter_layers(model):
         raise RankwiseError(f"the run in {str(run_dir)!r} has no adapter (method {cfg.method!r})")
     with staged(out) as tmp:
-        save_adapter(model, tmp, base_model_name_or_path=cfg.preset)
+        save_adapter(model, tmp, base_model_name_or_path=cfg.model or cfg.preset)
     return out

@@ -75,6 +75,10 @@ class Method:
         """The options this method was built with (recorded in metrics and results)."""
         return dict(getattr(self, "options", {}))
 
+    def resolved_options(self) -> dict[str, Any]:
+        """Values the method chose for options given as ``None`` (e.g. an adapter's ``r`` defaults to 8)."""
+        return {}
+
 
 @dataclass(frozen=True)
 class MethodInfo:
@@ -84,10 +88,18 @@ class MethodInfo:
     factory: Callable[..., Method]
 
     def options(self) -> dict[str, Any]:
-        """Option names and defaults the factory accepts."""
+        """Option names and defaults the factory accepts (``None`` where the method resolves the default itself)."""
         return {k: (None if v.default is inspect.Parameter.empty else v.default)
                 for k, v in inspect.signature(self.factory).parameters.items()
                 if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)}
+
+    def defaults(self) -> dict[str, Any]:
+        """``options()`` with each ``None`` replaced by the value a method built with no options uses."""
+        opts = self.options()
+        if any(v is None for v in opts.values()):
+            resolved = self.factory().resolved_options()
+            opts = {k: resolved.get(k, v) if v is None else v for k, v in opts.items()}
+        return opts
 
 
 _REGISTRY: dict[str, MethodInfo] = {}

@@ -1,18 +1,31 @@
-"""LLaMA-style model presets (random init) built with ``transformers.LlamaConfig``.
+"""Models: LLaMA-style presets (random init) built with ``transformers.LlamaConfig``, and pretrained weights.
 
 The ``llama-*`` presets are GaLore's pre-training configs (Zhao et al. 2024, ``configs/llama_*.json``); ``tiny`` and
 ``small`` are CPU-sized versions of the same architecture. Any ``transformers`` causal LM works everywhere a preset does.
+
+A *model spec* (``rankwise train --model``) names pretrained weights: a ``rankwise train --out`` folder (its method
+folded into plain layers), a transformers folder saved with ``save_pretrained``, or a Hugging Face hub name. Each
+comes with its own tokenizer (``model_tokenizer``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import RankwiseError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+                "welore.safetensors")  # the last: `rankwise compress` factors (rankwise.analysis.welore)
+TRAIN_CONFIG = "train_config.json"  # a run's training config (``config.json`` in runs before this name)
 
 
 @dataclass(frozen=True)
@@ -57,14 +70,17 @@ def build_model(preset: str, vocab_size: int | None = None, seed: int | None = 0
                 **overrides) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` for ``preset``; ``device="meta"`` allocates nothing.
 
-    ``preset`` may also be a local directory holding a transformers ``config.json`` (random init) or full weights.
+    ``preset`` may also be a local directory: a transformers ``config.json`` (random init), full weights, or a
+    ``rankwise train --out`` folder (its weights, see ``load_pretrained``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoConfig, LlamaForCausalLM
 
     if preset not in PRESETS and os.path.isdir(preset):
-        if any(os.path.exists(os.path.join(preset, f)) for f in ("model.safetensors", "pytorch_model.bin",
-                                                                 "model.safetensors.index.json")):
-            return AutoModelForCausalLM.from_pretrained(preset).to(device)
+        if is_run(preset) or has_weights(preset):
+            return load_pretrained(preset, device)
+        if not os.path.exists(os.path.join(preset, "config.json")):
+            raise RankwiseError(f"model folder {preset!r} holds no config.json, weights or rankwise run; pass a "
+                                "folder saved with save_pretrained, a run folder, or a preset")
         config = AutoConfig.from_pretrained(preset)
         with torch.device(device):
             if seed is not None:
@@ -75,6 +91,101 @@ def build_model(preset: str, vocab_size: int | None = None, seed: int | None = 0
         torch.manual_seed(seed)
     with torch.device(device):
         return LlamaForCausalLM(config)
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``rankwise train --out`` folder (it holds a checkpoint)."""
+    from .checkpoint import CHECKPOINT_FILE
+
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, CHECKPOINT_FILE))
+
+
+def has_weights(path: str | os.PathLike) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES)
+
+
+def _looks_like_hub_name(spec: str) -> bool:
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) is not None and not spec.startswith((".", "-"))
+
+
+def load_pretrained(spec: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The weights named by a model spec: a run folder (its model rebuilt, checkpoint loaded, then adapters merged
+    and reparameterized layers made dense, so any method can start from it), a transformers folder with weights, or
+    a hub name (``AutoModelForCausalLM.from_pretrained``; needs internet the first time)."""
+    from transformers import AutoModelForCausalLM
+
+    if is_run(spec):
+        from .train import load_run
+
+        model = plain_model(load_run(spec).model)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model.to(device)
+    if os.path.isdir(spec):
+        if not has_weights(spec):
+            raise RankwiseError(f"model folder {spec!r} holds no weights ({', '.join(WEIGHT_FILES[:2])}) and no "
+                                "rankwise checkpoint; save it with save_pretrained, or pass it as --preset to "
+                                "train its config from scratch")
+        if os.path.exists(os.path.join(spec, "welore.safetensors")):
+            from .analysis.welore import load_factored
+
+            return load_factored(spec).to(device)
+        return AutoModelForCausalLM.from_pretrained(spec).to(device)
+    if spec in PRESETS or not _looks_like_hub_name(spec):
+        raise RankwiseError(f"--model {spec!r} is not a folder or hub name; pass a `rankwise train --out` folder, a "
+                            f"transformers model folder or a hub name (for a random init use --preset {spec})")
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec).to(device)
+    except Exception as e:  # OSError offline / unknown repo, ValueError for unsupported architectures
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise RankwiseError(f"could not load model {spec!r} from the Hugging Face hub ({type(e).__name__}: {first}); "
+                            "there is no local folder of that name either: check the name and your internet "
+                            "connection, or pass a local folder") from None
+
+
+def model_tokenizer(spec: str) -> "PreTrainedTokenizerBase | None":
+    """The tokenizer that belongs to a model spec or preset: a run's saved tokenizer, a folder's or hub model's
+    ``AutoTokenizer``; ``None`` for a preset or a config-only folder without a tokenizer (pre-training from
+    scratch, which trains a new BPE). A folder with weights but no tokenizer is an error, never a new BPE."""
+    from .data.tokenizer import has_tokenizer, load_pretrained_tokenizer
+
+    if spec in PRESETS:
+        return None
+    if is_run(spec):
+        from .train import run_tokenizer
+
+        return run_tokenizer(spec)
+    if os.path.isdir(spec):
+        if has_tokenizer(spec):
+            return load_pretrained_tokenizer(spec)
+        if has_weights(spec):
+            raise RankwiseError(f"model folder {spec!r} has weights but no tokenizer (tokenizer.json / "
+                                "tokenizer_config.json); save it there with tokenizer.save_pretrained, so the "
+                                "data is tokenized as the model was trained")
+        return None
+    return load_pretrained_tokenizer(spec) if _looks_like_hub_name(spec) else None
+
+
+@torch.no_grad()
+def plain_model(model: nn.Module) -> nn.Module:
+    """``model`` with every method-specific layer replaced, in place, by the ``nn.Linear`` it computes: adapters
+    merged and unloaded, reparameterized layers (``dense_weight()``) made dense. Returns ``model``."""
+    from .adapters import adapter_layers, merge_and_unload
+
+    if adapter_layers(model):
+        merge_and_unload(model)
+    for name, m in list(model.named_modules()):
+        if name and callable(getattr(m, "dense_weight", None)):
+            weight = m.dense_weight()
+            bias = getattr(m, "bias", None)
+            dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                              dtype=weight.dtype)
+            dense.weight.copy_(weight)
+            if bias is not None:
+                dense.bias.copy_(bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, dense)
+    return model
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -17,9 +17,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
-    """Lay out, write atomically (PNG unless the suffix says otherwise) and close ``fig``."""
-    fig.tight_layout()
+def save_figure(fig, path: str | Path, dpi: int = 120, tight: bool = True) -> None:
+    """Lay out (``tight_layout`` unless ``tight=False``, e.g. a colorbar shared by several axes), write atomically
+    (PNG unless the suffix says otherwise) and close ``fig``."""
+    if tight:
+        fig.tight_layout()
     fmt = Path(path).suffix.lstrip(".") or "png"
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
     plt.close(fig)

@@ -4,8 +4,13 @@
     res.metrics["eval_ppl"]
 
 Per run, ``OUT`` receives ``metrics.jsonl`` (one line per step, flushed as it goes), ``metrics.json`` (final),
-``config.json``, ``loss_curve.png`` and ``checkpoint.pt`` (model + optimizer + scheduler + method + RNG + step;
-written atomically every ``checkpoint_every`` steps, at the end, and on Ctrl-C).
+``train_config.json`` (``config.json`` before; renamed so that it never collides with transformers' file),
+``loss_curve.png``, the tokenizer (``save_pretrained``: ``AutoTokenizer.from_pretrained(OUT)`` loads it) and
+``checkpoint.pt`` (model + optimizer + scheduler + method + RNG + step; written atomically every
+``checkpoint_every`` steps, at the end, and on Ctrl-C).
+
+Tokenizer: a run tokenizes with its model's own tokenizer (``--model``, ``--resume``, a preset folder that has one);
+only pre-training from scratch (a preset) trains a new byte-level BPE on the data.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from .data import Batches, TokenizedCorpus, prepare
 from .errors import RankwiseError
 from .methods import Method, OptimConfig
 from .metrics import PeakMemory, optimizer_state_bytes
-from .models import PRESETS, build_model, count_params, max_positions
+from .models import PRESETS, TRAIN_CONFIG, build_model, count_params, load_pretrained, max_positions, model_tokenizer
 
 log = logging.getLogger("rankwise")
 
@@ -41,6 +46,7 @@ log = logging.getLogger("rankwise")
 @dataclass
 class TrainConfig:
     preset: str = "tiny"
+    model: str | None = None  # start from pretrained weights: a run folder, transformers folder or hub name
     method: str = "full"
     method_options: dict[str, Any] = field(default_factory=dict)
     data: str = "stdlib-docs"
@@ -160,15 +166,48 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
     return total / count
 
 
-def _check_fits(cfg: TrainConfig, model: nn.Module, corpus: TokenizedCorpus) -> None:
+def _check_fits(cfg: TrainConfig, model: nn.Module, vocab_size: int) -> None:
     positions = max_positions(model)
     if positions is not None and cfg.seq_len > positions:
         raise RankwiseError(f"seq_len {cfg.seq_len} is larger than the model's {positions} positions; "
                             f"use --seq-len {positions} or less")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and vocab < corpus.vocab_size:
+    if vocab is not None and vocab < vocab_size:
+        fix = (f"use --vocab-size {vocab} or a larger model" if cfg.model is None and not cfg.resume else
+               "the model and its tokenizer do not match; save the model's own tokenizer in its folder")
         raise RankwiseError(f"the model's vocabulary ({vocab}) is smaller than the tokenizer's "
-                            f"({corpus.vocab_size}); use --vocab-size {vocab} or a larger model")
+                            f"({vocab_size}); {fix}")
+
+
+def read_train_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The training config of a run folder: ``train_config.json``, or ``config.json`` in runs before that name."""
+    for name in (TRAIN_CONFIG, "config.json"):
+        path = Path(run_dir) / name
+        if path.exists():
+            d = json.loads(path.read_text())
+            if "method" in d and "preset" in d:  # not a transformers config.json
+                return TrainConfig.from_dict(d)
+    return TrainConfig.from_dict(ckpt.load(run_dir)["config"])
+
+
+def run_tokenizer(run_dir: str | os.PathLike):
+    """The tokenizer a run trained with: the one saved in its folder, else (runs before tokenizers were saved) the
+    one it used: its base model's, or the BPE of its data (rebuilt from the cache, deterministically)."""
+    from .data.tokenizer import has_tokenizer, load_pretrained_tokenizer
+
+    if has_tokenizer(run_dir):
+        return load_pretrained_tokenizer(str(run_dir))
+    cfg = read_train_config(run_dir)
+    if cfg.model is not None:
+        return model_tokenizer(cfg.model)
+    return model_tokenizer(cfg.preset) or prepare(cfg.data, cfg.vocab_size).hf_tokenizer
+
+
+def _tokenizer_for(cfg: TrainConfig):
+    """The tokenizer of the model this run starts from; ``None`` when pre-training from scratch (new BPE)."""
+    if cfg.resume:
+        return run_tokenizer(cfg.resume)
+    return model_tokenizer(cfg.model if cfg.model is not None else cfg.preset)
 
 
 class _Output:
@@ -225,11 +264,11 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     device = resolve_device(cfg.device)
     dist = distributed.setup(cfg.parallel, cfg.batch_size, device)  # None in a single process
     device = dist.device if dist else device
-    corpus = corpus or prepare(cfg.data, cfg.vocab_size)
+    corpus = corpus or prepare(cfg.data, cfg.vocab_size, tokenizer=_tokenizer_for(cfg))
     train_data = Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     eval_data = Batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
 
-    model = _build_model(cfg, model, method, corpus, train_data, device)
+    model = _build_model(cfg, model, method, corpus.vocab_size, train_data, device)
     model.train()
     engine = distributed.wrap(model, dist)  # what forward/backward run through (DDP, or model sharded in place)
     optimizer = method.build_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.betas))
@@ -251,7 +290,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
             raise RankwiseError(f"the checkpoint in {cfg.resume!r} is already at step {start} of {cfg.steps}; "
                                 "raise --steps to train further")
     out = _Output(cfg.out if dist is None or dist.main else None, start)
-    out.write_json("config.json", _describe(cfg, method))
+    out.write_json(TRAIN_CONFIG, _describe(cfg, method))
+    if out.dir:
+        corpus.save_tokenizer(out.dir)
     if initial_eval is None:
         initial_eval = evaluate(model, eval_data, device, cfg.dtype)
         out.record({"step": 0, "eval_loss": initial_eval, "eval_ppl": math.exp(initial_eval)})
@@ -347,7 +388,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     if out.dir:
         from .export import save_run_adapter
 
-        save_run_adapter(model, out.dir, cfg.preset)
+        save_run_adapter(model, out.dir, cfg.model or cfg.preset)
     if out.dir:
         from .plots import loss_curve
 
@@ -355,13 +396,16 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     return RunResult(metrics, model, optimizer, method, history)
 
 
-def _build_model(cfg: TrainConfig, model: nn.Module | None, method: Method, corpus: TokenizedCorpus,
-                 train_data: Batches, device: torch.device) -> nn.Module:
-    """The preset (or given model), checked against the data, calibrated and prepared by the method."""
+def _build_model(cfg: TrainConfig, model: nn.Module | None, method: Method, vocab_size: int,
+                 train_data: Batches | None, device: torch.device) -> nn.Module:
+    """The given model, else ``cfg.model``'s pretrained weights, else the preset (random init, ``vocab_size``
+    tokens), checked against the data, calibrated on ``train_data`` and prepared by the method."""
     torch.manual_seed(cfg.seed)
-    if model is None:
-        model = build_model(cfg.preset, vocab_size=corpus.vocab_size, seed=cfg.seed)
-    _check_fits(cfg, model, corpus)
+    if model is None and cfg.model is not None:
+        model = load_pretrained(cfg.model)
+    elif model is None:
+        model = build_model(cfg.preset, vocab_size=vocab_size, seed=cfg.seed)
+    _check_fits(cfg, model, vocab_size)
     model.to(device)
     if method.calibration_batches:
         method.calibrate(model, [train_data.train_batch(-1 - i).to(device) for i in range(method.calibration_batches)])
@@ -373,24 +417,44 @@ def _build_model(cfg: TrainConfig, model: nn.Module | None, method: Method, corp
     return model.to(device)
 
 
-def evaluate_checkpoint(run_dir: str, data: str | None = None, eval_batches: int | None = None,
-                        device: str = "auto") -> dict[str, Any]:
-    """Validation loss of the model saved in ``run_dir`` (by ``train`` with ``out=run_dir``)."""
+@dataclass
+class LoadedRun:
+    model: nn.Module  # as trained: the method's layers in place, the checkpoint's weights loaded
+    config: TrainConfig
+    state: dict[str, Any]
+    tokenizer: Any  # the run's transformers tokenizer
+
+
+def load_run(run_dir: str, device: str | torch.device = "cpu") -> LoadedRun:
+    """The model saved in ``run_dir`` (by ``train`` with ``out=run_dir``), rebuilt with its method, and its
+    tokenizer. Methods that calibrate on data before ``prepare`` (LoRA-GA, ...) get the run's own training data."""
     state = ckpt.load(run_dir)
     cfg = TrainConfig.from_dict(state["config"])
+    dev = resolve_device(device) if isinstance(device, str) else device
+    method = methods_mod.get(cfg.method, **cfg.method_options)
+    tokenizer = run_tokenizer(run_dir)
+    corpus = prepare(cfg.data, tokenizer=tokenizer) if method.calibration_batches else None
+    train_data = Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed) if corpus is not None else None
+    vocab = tokenizer.backend_tokenizer.get_vocab_size()
+    model = _build_model(cfg, None, method, vocab, train_data, dev)
+    distributed.load_full_model(model, state, run_dir)
+    return LoadedRun(model, cfg, state, tokenizer)
+
+
+def evaluate_checkpoint(run_dir: str, data: str | None = None, eval_batches: int | None = None,
+                        device: str = "auto") -> dict[str, Any]:
+    """Validation loss of the model saved in ``run_dir``, on its own data or on ``data``, always tokenized with the
+    run's own tokenizer (``data``'s validation split: ``prepare(data, tokenizer=...)``)."""
+    run = load_run(run_dir, resolve_device(device))
+    cfg = run.config
     cfg.data = data or cfg.data
     cfg.eval_batches = eval_batches or cfg.eval_batches
     cfg.validate()
-    dev = resolve_device(device)
-    method = methods_mod.get(cfg.method, **cfg.method_options)
-    corpus = prepare(cfg.data, cfg.vocab_size)
-    train_data = Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
-    model = _build_model(cfg, None, method, corpus, train_data, dev)
-    distributed.load_full_model(model, state, run_dir)
+    corpus = prepare(cfg.data, tokenizer=run.tokenizer)
     batches = Batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
-    loss = evaluate(model, batches, dev, cfg.dtype)
-    return {"method": cfg.method, "data": cfg.data, "step": state["step"], "eval_loss": loss,
-            "eval_ppl": math.exp(loss), "tokens": sum(b[:, 1:].numel() for b in batches)}
+    loss = evaluate(run.model, batches, next(run.model.parameters()).device, cfg.dtype)
+    return {"method": cfg.method, "data": cfg.data, "step": run.state["step"], "eval_loss": loss,
+            "eval_ppl": math.exp(loss), "seq_len": cfg.seq_len, "tokens": sum(b[:, 1:].numel() for b in batches)}
 
 
 def _describe(cfg: TrainConfig, method: Method) -> dict[str, Any]:

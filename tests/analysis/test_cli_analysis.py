@@ -12,6 +12,7 @@ from rankwise.models import build_model
 def model_dir(tmp_path_factory, corpus):
     path = tmp_path_factory.mktemp("model")
     small_llama(vocab=corpus.vocab_size).save_pretrained(path)
+    corpus.save_tokenizer(path)  # a model folder with weights carries its tokenizer (else: one clear error)
     return str(path)
 
 
@@ -35,6 +36,7 @@ def test_compress_ratio_zero_keeps_ppl_and_ratio_half_writes_a_smaller_model(mod
     assert main(["compress", "--model", model_dir, "--ratio", "0", "--eval-batches", "1", "--seq-len", "16",
                  "--json"]) == 0
     same = json.loads(capsys.readouterr().out)
+    assert same["seq_len"] == 16
     assert same["ppl_after"] == pytest.approx(same["ppl_before"], rel=1e-6) and same["rank_reduction"] == 0
     out = tmp_path / "small"
     assert main(["compress", "--model", model_dir, "--ratio", "0.5", "--min-ratio", "0.45", "--eval-batches", "1",
@@ -43,7 +45,25 @@ def test_compress_ratio_zero_keeps_ppl_and_ratio_half_writes_a_smaller_model(mod
     assert res["params_after"] < res["params_before"] and res["lrc"]
     saved = json.loads((out / "welore.json").read_text())
     assert saved["ranks"] == res["ranks"]
-    reloaded = build_model(str(out))  # a plain transformers model folder, the compressed function
+    reloaded = build_model(str(out))  # the factors, loaded back: the compressed function
+    assert saved["factored"] and all(reloaded.get_submodule(n).rank == k for n, k in saved["factored"].items())
+    dense = tmp_path / "dense"
+    assert main(["compress", "--model", model_dir, "--ratio", "0.5", "--min-ratio", "0.45", "--eval-batches", "0",
+                 "--out", str(dense), "--dense"]) == 0
+    assert "weights" in capsys.readouterr().out
+    # the factors are smaller on disk than the dense B A, which plain transformers loads with the same function
+    saved_bytes = (dense / "model.safetensors").stat().st_size - (out / "welore.safetensors").stat().st_size
+    # fp32 parameters saved, up to the safetensors header (longer with the factored layers' key names)
+    assert saved_bytes == pytest.approx(4 * (res["params_before"] - res["params_after"]), abs=1024)
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(dense)
+    x = torch.randint(0, 100, (1, 12))
+    assert torch.allclose(plain(x).logits, reloaded(x).logits, atol=1e-4)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("x = 1")["input_ids"] == AutoTokenizer.from_pretrained(model_dir)(
+        "x = 1")["input_ids"]  # with the model's tokenizer
     w = reloaded.get_submodule(res["lrc"][0]).weight
     assert torch.linalg.matrix_rank(w.double(), rtol=1e-4).item() == res["ranks"][res["lrc"][0]]
 

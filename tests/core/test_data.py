@@ -69,3 +69,41 @@ def test_missing_empty_and_tiny_sources(tmp_path):
     (tmp_path / "sub").mkdir()
     with pytest.raises(RankwiseError, match="no .txt or .jsonl"):
         documents(str(tmp_path / "sub"))
+
+
+def test_txt_is_split_into_paragraphs_and_chunks(tmp_path):
+    from rankwise.data.sources import MAX_DOC_CHARS, split_text
+
+    text = "first paragraph\nstill first\n\n\n  second, indented\n \t\nthird\r\n\r\nfourth"
+    assert split_text(text) == ["first paragraph\nstill first", "  second, indented", "third", "fourth"]
+    # a long paragraph is cut at line breaks (else spaces, else the limit); no text is lost but the cut character
+    lines = [f"    line {i} " + "x" * (i % 30) for i in range(40)]
+    chunks = split_text("\n".join(lines), max_chars=200)
+    assert all(len(c) <= 200 for c in chunks) and len(chunks) > 1
+    assert "\n".join(chunks) == "\n".join(lines)
+    assert split_text("a" * 25, max_chars=10) == ["a" * 10, "a" * 10, "a" * 5]
+    assert split_text("ab cd ef", max_chars=5) == ["ab cd", "ef"]
+    # a single 300 KB .txt file (one paragraph per ~500 characters) now splits into train and validation
+    (tmp_path / "book.txt").write_text("\n\n".join(f"paragraph {i}: " + "lorem ipsum dolor " * 28 for i in range(600)))
+    docs = local_documents(tmp_path / "book.txt")
+    assert len(docs) == 600 and all(len(d) <= MAX_DOC_CHARS for d in docs)
+    corpus = prepare(str(tmp_path / "book.txt"), 512)
+    assert len(corpus.train) > 0 and len(corpus.val) > 0
+
+
+@pytest.mark.parametrize("name, content, offset", [
+    ("latin1.txt", "caf\u00e9 au lait\n".encode("latin-1"), 3),
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": "bad \xff"}\n', 29),
+    ("bom.txt", b"\xef\xbb\xbfgood\n\nthen \xc3(", 14),
+])
+def test_non_utf8_names_the_file_and_byte_offset(tmp_path, name, content, offset):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert content[offset] >= 0x80
+    with pytest.raises(RankwiseError, match=rf"{name}: byte offset {offset} \(line \d+\) is not UTF-8"):
+        local_documents(path)
+
+
+def test_utf8_bom_is_allowed(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello\n\nwörld".encode("utf-8"))
+    assert local_documents(tmp_path / "bom.txt") == ["hello", "wörld"]

@@ -50,6 +50,9 @@ class AdapterMethod(Method):
         self.calibration_batches = calibration_batches
         self.grads: dict[str, torch.Tensor] | None = None
 
+    def resolved_options(self) -> dict[str, Any]:
+        return {"r": self.apply_options["r"]}
+
     def calibrate(self, model: nn.Module, batches: list[torch.Tensor]) -> None:
         self.grads = calibration_gradients(model, batches, find_targets(model, self.apply_options["target"]))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ def write_json(obj: Any, path: str | Path) -> None:
     write_json_atomic(path, obj)
 
 
-def _save(fig, path: str | Path) -> None:
-    save_figure(fig, path)
+def _save(fig, path: str | Path, tight: bool = True) -> None:
+    save_figure(fig, path, tight=tight)
 
 
 def heatmap(rows: list[dict], path: str | Path) -> None:
@@ -44,25 +45,59 @@ def heatmap(rows: list[dict], path: str | Path) -> None:
     _save(fig, path)
 
 
+DASHES = [(0, ()), (0, (5, 2)), (0, (1, 1.5)), (0, (4, 1.5, 1, 1.5)), (0, (8, 2, 2, 2)), (0, (2, 3)),
+          (0, (6, 1, 1, 1, 1, 1)), (0, (3, 3)), (0, (10, 3))]
+
+
+def _layer_and_kind(name: str) -> tuple[int | None, str]:
+    """``model.layers.3.self_attn.q_proj`` -> ``(3, "q_proj")``; no layer index -> ``(None, name)``."""
+    m = re.search(r"\.(\d+)\.", name)
+    return (int(m.group(1)) if m else None), name.rsplit(".", 1)[-1]
+
+
 def spectra_plot(weight: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Normalised singular values s_i / s_1 (log scale) vs normalised index i / k, one line per matrix."""
+    """Normalised singular values s_i / s_1 (log scale) vs normalised index i / k, one line per matrix: colour =
+    layer (colorbar), line style = matrix kind (legend: q_proj, ..., down_proj)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, Normalize
+    from matplotlib.lines import Line2D
+
     panels = [("weights", weight)] + ([("gradients", grad)] if grad else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    cmap = plt.get_cmap("viridis")
+    names = list(dict.fromkeys(n for _, sp in panels for n in sp))
+    parsed = {n: _layer_and_kind(n) for n in names}
+    by_layer = all(layer is not None for layer, _ in parsed.values())
+    if by_layer:
+        position = {n: float(layer) for n, (layer, _) in parsed.items()}
+        kinds = list(dict.fromkeys(kind for _, kind in parsed.values()))
+    else:  # no layer index in the names: colour by order, one legend entry per matrix
+        position = {n: float(i) for i, n in enumerate(names)}
+        kinds = []
+    style = {k: DASHES[i % len(DASHES)] for i, k in enumerate(kinds)}
+    top = int(max(position.values(), default=0.0))
+    cmap = plt.get_cmap("viridis", top + 1) if by_layer else plt.get_cmap("viridis")
+    norm = (BoundaryNorm([i - 0.5 for i in range(top + 2)], top + 1) if by_layer  # one colour per layer
+            else Normalize(0.0, max(top, 1)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1.5, 4.2), squeeze=False,
+                             layout="constrained")
     for ax, (title, spectra) in zip(axes[0], panels):
-        for i, (name, s) in enumerate(spectra.items()):
+        for name, s in spectra.items():
             s = s.float()
             x = torch.arange(1, s.numel() + 1) / s.numel()
-            ax.semilogy(x.numpy(), (s / s[0].clamp_min(1e-30)).clamp_min(1e-12).numpy(), lw=0.8,
-                        color=cmap(i / max(1, len(spectra) - 1)), label=name if len(spectra) <= 12 else None)
-        ax.set_xlabel("i / rank")
+            ax.semilogy(x.numpy(), (s / s[0].clamp_min(1e-30)).clamp_min(1e-12).numpy(), lw=0.9,
+                        color=cmap(norm(position[name])), linestyle=style.get(parsed[name][1], "-"),
+                        label=None if by_layer else short_name(name))
+        ax.set_xlabel("i / rank (normalised singular value index)")
         ax.set_ylabel("s_i / s_1")
-        ax.set_title(f"singular values of {title}")
+        ax.set_title(f"singular values of {title} ({len(spectra)} matrices)")
         ax.grid(alpha=0.3)
-        if len(spectra) <= 12:
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    _save(fig, path)
+    if by_layer:
+        handles = [Line2D([], [], color="0.25", lw=1.2, linestyle=style[k], label=k) for k in kinds]
+        axes[0][0].legend(handles=handles, title="matrix", fontsize=7, title_fontsize=7, loc="lower left")
+        fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes[0]), label="layer",
+                     ticks=range(0, top + 1, max(1, (top + 1) // 12)))
+    else:
+        axes[0][0].legend(fontsize=6, loc="lower left", ncol=1 + len(names) // 12)
+    _save(fig, path, tight=False)  # constrained layout places the colorbar
 
 
 def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Path, xlabel: str, ylabel: str,

@@ -15,7 +15,9 @@ function). The others (N-LRCs) are left unchanged.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -166,4 +168,44 @@ def densify(model: nn.Module) -> nn.Module:
             if m.bias is not None:
                 dense.bias.copy_(m.bias)
             _set_module(model, name, dense)
+    return model
+
+
+FACTORS_FILE = "welore.safetensors"  # not model.safetensors: plain transformers cannot read factored layers
+
+
+def save_factored(model: nn.Module, directory: str | os.PathLike) -> dict[str, int]:
+    """Write ``model`` with its ``LowRankLinear`` layers as factors: ``config.json`` + ``welore.safetensors`` (every
+    tensor of the state dict, ``<layer>.A`` / ``<layer>.B`` for the factored ones), so the saving shows on disk.
+    Returns the factored layers and their ranks (``load_factored`` needs them, from ``welore.json``)."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(directory)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(directory, FACTORS_FILE), metadata={"format": "pt"})
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+@torch.no_grad()
+def load_factored(directory: str | os.PathLike) -> nn.Module:
+    """The model ``save_factored`` wrote (``welore.json`` names the factored layers and ranks)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta_path = os.path.join(directory, "welore.json")
+    if not os.path.exists(meta_path):
+        raise RankwiseError(f"{directory!r} holds {FACTORS_FILE} but no welore.json (the factored layers' ranks); "
+                            "write it again with rankwise compress")
+    factored = json.loads(open(meta_path).read()).get("factored", {})
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    for name, k in factored.items():
+        old = model.get_submodule(name)
+        bias = None if old.bias is None else torch.empty_like(old.bias)
+        _set_module(model, name, LowRankLinear(old.weight.new_empty(k, old.in_features),
+                                               old.weight.new_empty(old.out_features, k), bias))
+    state = load_file(os.path.join(directory, FACTORS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RankwiseError(f"{directory!r}: {FACTORS_FILE} does not match its config (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
     return model

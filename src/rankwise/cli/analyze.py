@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batches < 0:
         raise RankwiseError(f"--batches must be >= 0, got {args.batches}")
     loaded = load_model(args.model, args.data, args.vocab_size)
-    batches = (token_batches(loaded.data, args.vocab_size, args.batches, args.batch_size, args.seq_len)
+    batches = (token_batches(loaded.data, loaded.vocab_size, args.batches, args.batch_size, args.seq_len,
+                             tokenizer=loaded.tokenizer)
                if args.batches else None)
     report = analyze_model(loaded.model, batches, args.rank, args.include_output)
     limits = attention_norms(loaded.model, batches) if batches else []

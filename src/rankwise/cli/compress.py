@@ -8,8 +8,11 @@ compression and training-free compensation.
 - ``--eora RANK``: EoRA (Liu et al. 2024): each compressed layer gets a rank-RANK correction ``B A`` fitted in the
   eigenspace of its calibration activations; reports how much of the compression's loss increase it recovers.
 
-Prints perplexity before / after; ``--out`` receives a plain transformers model folder (the compressed function,
-dequantized), ``welore.json`` (ranks and the report) and, with ``--eora``, ``eora/`` (a PEFT LoRA adapter).
+Prints perplexity before / after (with the sequence length it was measured at). ``--out`` receives the compressed
+model with its tokenizer: after WeLore alone, its factors (``welore.safetensors``: each compressed layer as B and A,
+so the saving shows on disk; ``--model DIR`` in rankwise loads it); with ``--dense`` or ``--quantize`` a plain
+transformers folder (dense B·A, dequantized); ``welore.json`` (ranks and the report) and, with ``--eora``, ``eora/``
+(a PEFT LoRA adapter).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default 8192)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches for perplexity (0 = skip)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per validation window (default 128)")
-    p.add_argument("--out", help="new folder for the compressed model")
+    p.add_argument("--out", help="new folder for the compressed model (factors; see --dense)")
+    p.add_argument("--dense", action="store_true",
+                   help="write dense B·A weights: a plain transformers folder (as large as the original)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -50,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.inputs import load_model, perplexity, token_batches
     from ..analysis.layers import linear_weights
     from ..analysis.report import write_json
-    from ..analysis.welore import compress, densify
+    from ..analysis.welore import compress, densify, save_factored
+    from ..data import prepare
     from ..errors import RankwiseError
     from ..export import check_new_folder, staged
 
@@ -73,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
         check_new_folder(out)
     loaded = load_model(args.model, args.data, args.vocab_size)
     original = loaded.model.eval()
-    batches = (token_batches(loaded.data, args.vocab_size, args.eval_batches, 8, args.seq_len, split="val")
+    batches = (token_batches(loaded.data, loaded.vocab_size, args.eval_batches, 8, args.seq_len, split="val",
+                             tokenizer=loaded.tokenizer)
                if args.eval_batches else [])
-    result = {"model": args.model, "ratio": args.ratio, "rule": args.rule, "quantize": args.quantize}
+    result = {"model": args.model, "ratio": args.ratio, "rule": args.rule, "quantize": args.quantize,
+              "seq_len": args.seq_len}
     if batches:
         result["ppl_before"] = perplexity(original, batches)
     model = copy.deepcopy(original) if args.eora else original  # EoRA needs the original weights
@@ -91,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if batches:
         result["ppl_after"] = perplexity(model, batches)
     if args.eora:
-        calib = token_batches(loaded.data, args.vocab_size, args.calib_batches, 8, args.seq_len, split="train")
+        calib = token_batches(loaded.data, loaded.vocab_size, args.calib_batches, 8, args.seq_len, split="train",
+                              tokenizer=loaded.tokenizer)
         targets = {n: model.get_submodule(n) for n in linear_weights(original)
                    if not torch.equal(dense_weight(original.get_submodule(n)), dense_weight(model.get_submodule(n)))}
         if not targets:
@@ -109,12 +118,18 @@ def run(args: argparse.Namespace) -> int:
         with staged(out) as tmp:
             if args.eora:
                 save_adapter(original, tmp / ADAPTER, ADAPTER, base_model_name_or_path=str(out))
-            dequantize_base(densify(model)).save_pretrained(tmp)
+            if args.dense or args.quantize or report is None:
+                dequantize_base(densify(model)).save_pretrained(tmp)
+            else:
+                result["factored"] = save_factored(model, tmp)
+            tokenizer = loaded.tokenizer or prepare(loaded.data, loaded.vocab_size).hf_tokenizer
+            tokenizer.save_pretrained(tmp)
             write_json(result, tmp / "welore.json")
     if args.json:
         print(json.dumps(result))
         return 0
-    ppl = (f"; ppl {result['ppl_before']:.2f} -> {result['ppl_after']:.2f}" if batches else "")
+    ppl = (f"; ppl {result['ppl_before']:.2f} -> {result['ppl_after']:.2f} (seq-len {args.seq_len})"
+           if batches else "")
     if report is not None:
         print(f"{args.rule}: removed {report.rank_reduction:.1%} of ranks in {len(report.lrc)} matrices, "
               f"parameters {report.params_before:,} -> {report.params_after:,} ({report.param_ratio:.1%}){ppl}")
@@ -125,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"eora rank {args.eora}: ppl {result['ppl_after']:.2f} -> {result['ppl_eora']:.2f}"
               + (f" (recovers {rec:.1%} of the loss increase)" if rec is not None else ""))
     if out is not None:
-        print(f"wrote {out} (plain transformers model; report in welore.json"
+        size = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".safetensors", ".bin"))
+        kind = "factors; rankwise --model loads it" if "factored" in result else "plain transformers model"
+        print(f"wrote {out} ({kind}; weights {size / 2**20:.1f} MiB; report in welore.json"
               + (f", EoRA adapter in {out / ADAPTER})" if args.eora else ")"))
     return 0
 

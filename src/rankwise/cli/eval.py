@@ -24,5 +24,5 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"{result['method']} ({result['data']}): eval loss {result['eval_loss']:.4f}, "
-              f"ppl {result['eval_ppl']:.2f} over {result['tokens']:,} tokens")
+              f"ppl {result['eval_ppl']:.2f} at seq-len {result['seq_len']} over {result['tokens']:,} tokens")
     return 0

@@ -2,6 +2,8 @@
 
 Each sub-command lives in ``rankwise.cli.<name>`` and exposes ``add_parser(subparsers)``, which adds its parser and
 sets ``func=run`` with ``run(args) -> int``. A ``RankwiseError`` becomes one clear line on stderr and exit code 2.
+``train`` and ``bench`` also take ``--config FILE`` (``rankwise.cli.config_file``): flags from a TOML/YAML file, which
+flags on the command line override.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib
 import sys
 
 from ..errors import RankwiseError
+from . import config_file
 
 COMMANDS = [
     "train",
@@ -22,6 +25,7 @@ COMMANDS = [
     "analyze",
     "compress",
     "export",
+    "generate",
 ]
 
 
@@ -30,12 +34,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"rankwise.cli.{name}").add_parser(sub)
+    for name in config_file.COMMANDS:
+        sub.choices[name].add_argument("--config", metavar="FILE",
+                                       help="read flags from a TOML or YAML file; flags given here override it")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; with ``--config FILE``, the file's values become the sub-command's defaults first."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        config_file.apply(sub.choices[args.command], config_file.read(args.config), args.config)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except RankwiseError as e:
+        command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
+        print(f"rankwise {command}: error: {e}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except RankwiseError as e:

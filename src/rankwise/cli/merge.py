@@ -1,5 +1,6 @@
 """``rankwise merge ADAPTER_DIR --out MODEL_DIR``: fold an adapter (rankwise or PEFT LoRA) into its base model and
-write a plain transformers model folder (``config.json`` + ``model.safetensors``)."""
+write a plain transformers model folder (``config.json`` + ``model.safetensors``, and the base's tokenizer when it
+has one)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import adapters
-    from ..models import PRESETS, build_model
+    from ..data.tokenizer import has_tokenizer
+    from ..models import PRESETS, build_model, is_run, model_tokenizer
 
     config = adapters.read_config(args.adapter)
     base = args.base or config.get("base_model_name_or_path")
@@ -40,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         model.save_pretrained(tmp)
+        if is_run(base) or has_tokenizer(base):  # the base's tokenizer travels with the merged weights
+            model_tokenizer(base).save_pretrained(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

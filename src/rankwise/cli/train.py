@@ -1,4 +1,5 @@
-"""``rankwise train``: train one model with one method and write metrics, plots and a checkpoint to --out."""
+"""``rankwise train``: train one model with one method and write metrics, plots, its tokenizer and a checkpoint to
+--out (default: a new folder ``runs/<method>-<UTC time>``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import logging
 import os
+import sys
+import time
 from dataclasses import fields
 
 from ..errors import RankwiseError
@@ -35,7 +38,11 @@ def method_options(args: argparse.Namespace) -> dict:
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by commands that train (train, bench); every default is TrainConfig's."""
     d = TrainConfig()
-    p.add_argument("--preset", help=f"model preset or transformers config/model folder (default {d.preset})")
+    p.add_argument("--preset", help=f"model preset (random init) or transformers config/model folder "
+                                    f"(default {d.preset})")
+    p.add_argument("--model", metavar="NAME_OR_DIR",
+                   help="start from pretrained weights, tokenized with the model's own tokenizer: a `rankwise train "
+                        "--out` folder, a transformers folder (save_pretrained) or a Hugging Face hub name")
     p.add_argument("--data", help=f"stdlib-docs, stdlib-code, a .txt/.jsonl file or folder, hf:NAME[:CONFIG] "
                                   f"(default {d.data})")
     p.add_argument("--vocab-size", type=int, help=f"tokenizer vocabulary (default {d.vocab_size})")
@@ -80,7 +87,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with one method", description=__doc__)
     p.add_argument("--method", help="a registered method (`rankwise methods`; default full)")
     add_train_flags(p)
-    p.add_argument("--out", help="run folder: metrics.json(l), loss_curve.png, checkpoint.pt")
+    p.add_argument("--out", help="run folder: metrics.json(l), train_config.json, loss_curve.png, tokenizer, "
+                                 "checkpoint.pt (default: a new runs/<method>-<UTC time>)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--stop-at", type=int, help="stop after this step, resumable (for time-sliced jobs)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR bit-exactly (its config is reused)")
@@ -103,8 +111,18 @@ def run(args: argparse.Namespace) -> int:
         base = TrainConfig.from_dict(checkpoint.load(args.resume)["config"])
         base.stop_at = None
         base.out = args.out or args.resume
+    if args.model is not None and args.preset is not None:
+        raise RankwiseError("--model and --preset both name the model; pass one (--model: pretrained weights, "
+                            "--preset: an architecture trained from scratch)")
     cfg = config_from_args(args, base)
     cfg.resume = args.resume
+    if cfg.model is not None and os.path.isdir(cfg.model):
+        cfg.model = os.path.abspath(cfg.model)  # the run's config names its base wherever it is read from
+    if cfg.out is None:
+        if "WORLD_SIZE" in os.environ:  # torchrun: ranks would not agree on a time-stamped name
+            print("rankwise train: warning: no --out given; nothing will be saved", file=sys.stderr)
+        else:
+            cfg.out = default_out(cfg.method)  # named in the summary line at the end
     if args.nproc < 1:
         raise RankwiseError(f"--nproc must be a positive integer, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -118,10 +136,20 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"{m['method']}: eval loss {m['initial_eval_loss']:.4f} -> {m['final_eval_loss']:.4f} "
-          f"(ppl {m['eval_ppl']:.2f}) | {m['tokens_per_s']:,.0f} tokens/s | optimizer state "
+          f"(ppl {m['eval_ppl']:.2f} at seq-len {cfg.seq_len}) | {m['tokens_per_s']:,.0f} tokens/s | optimizer state "
           f"{m['optimizer_state_bytes'] / 2**20:.2f} MiB | peak mem {m['peak_mem_bytes'] / 2**20:.1f} MiB"
           + (f" | wrote {cfg.out}" if cfg.out else ""))
     return 0
+
+
+def default_out(method: str, root: str = "runs") -> str:
+    """``runs/<method>-<UTC time>``, with a ``-N`` suffix if that folder exists."""
+    stem = os.path.join(root, f"{method}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    path, n = stem, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}"
+    return path
 
 
 def train_metrics(cfg: TrainConfig) -> dict:

@@ -1,9 +1,12 @@
 """Tokenized corpora on disk and the batches the training loop reads from them.
 
 ``prepare(source)`` splits documents deterministically into train/validation (by a hash of each document, so the
-split does not depend on order), trains the tokenizer on the training split, and writes both splits as flat
-``uint16`` (``uint32`` for vocabularies over 65,536) token arrays, separated by an end-of-text token. Everything is
-cached under ``$RANKWISE_CACHE`` (default ``~/.cache/rankwise``) and memory-mapped on later use.
+split does not depend on order), tokenizes them with the given tokenizer (a model's own) or, when none is given
+(pre-training from scratch), with a byte-level BPE trained on the training split, and writes both splits as flat
+``uint16`` (``uint32`` for vocabularies over 65,536) token arrays: each document is ``tokenizer(doc).input_ids``
+followed by the end-of-text token (``tokenizer.encode_documents``). Everything is cached under ``$RANKWISE_CACHE``
+(default ``~/.cache/rankwise``), keyed by the source's content and the tokenizer's identity, and memory-mapped on
+later use.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +25,10 @@ from tokenizers import Tokenizer
 from ..atomic import write_atomic
 from ..errors import RankwiseError
 from . import sources
-from .tokenizer import EOS, load_tokenizer, train_tokenizer
+from .tokenizer import (as_transformers, encode_documents, load_pretrained_tokenizer, save_pretrained_tokenizer,
+                        tokenizer_id, train_tokenizer)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -38,13 +43,19 @@ def is_validation(doc: str, val_fraction: float) -> bool:
 
 @dataclass
 class TokenizedCorpus:
-    """Train/validation token arrays (memory-mapped) and their tokenizer."""
+    """Train/validation token arrays (memory-mapped) and their tokenizer: ``tokenizer`` is the ``tokenizers``
+    backend (encode / decode), ``hf_tokenizer`` the transformers tokenizer a run saves (default: ``tokenizer``
+    wrapped, with ``<|endoftext|>`` as end-of-text)."""
 
     source: str
     tokenizer: Tokenizer
     train: np.ndarray
     val: np.ndarray
     directory: Path
+    hf_tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        self.hf_tokenizer = as_transformers(self.hf_tokenizer if self.hf_tokenizer is not None else self.tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -52,7 +63,11 @@ class TokenizedCorpus:
 
     @property
     def eos_id(self) -> int:
-        return self.tokenizer.token_to_id(EOS)
+        return self.hf_tokenizer.eos_token_id
+
+    def save_tokenizer(self, directory: str | os.PathLike) -> None:
+        """Write the tokenizer to ``directory`` (``save_pretrained``: ``AutoTokenizer`` loads it from there)."""
+        save_pretrained_tokenizer(self.hf_tokenizer, directory)
 
     def split(self, name: str) -> np.ndarray:
         if name not in ("train", "val"):
@@ -60,26 +75,29 @@ class TokenizedCorpus:
         return self.train if name == "train" else self.val
 
 
-def _encode(tok: Tokenizer, docs: list[str], dtype: np.dtype) -> np.ndarray:
-    eos = tok.token_to_id(EOS)
-    ids = [np.asarray(e.ids + [eos], dtype=dtype) for e in tok.encode_batch(docs)]
+def _encode(tok: Any, docs: list[str], dtype: np.dtype) -> np.ndarray:
+    ids = [np.asarray(row, dtype=dtype) for row in encode_documents(tok, docs)]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
 
 
 def prepare(source: str = "stdlib-docs", vocab_size: int = 8192, val_fraction: float = 0.1,
-            tokenizer: Tokenizer | None = None) -> TokenizedCorpus:
+            tokenizer: Any = None) -> TokenizedCorpus:
     """Build (or load from cache) the tokenized train/validation splits of ``source``.
 
-    A ``tokenizer`` may be passed to share one vocabulary across corpora (e.g. several domains); otherwise one is
-    trained on this corpus's training split.
+    ``tokenizer`` (a transformers tokenizer, e.g. a model's ``AutoTokenizer``, or a ``tokenizers.Tokenizer`` holding
+    ``<|endoftext|>``) tokenizes the text; ``vocab_size`` is then ignored. Without one, a BPE of ``vocab_size``
+    tokens is trained on this corpus's training split: do that only when pre-training from scratch.
     """
     if not 0.0 < val_fraction < 1.0:
         raise RankwiseError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if tokenizer is None and not 256 < vocab_size <= 2**32:
         raise RankwiseError(f"vocab_size must be above 256 (the byte alphabet), got {vocab_size}")
-    tok_key = "own" if tokenizer is None else hashlib.sha1(tokenizer.to_str().encode()).hexdigest()[:12]
-    key = f"{FORMAT_VERSION}-{sources.fingerprint(source)}-v{vocab_size}-f{val_fraction}-t{tok_key}"
-    directory = cache_root() / "corpora" / key
+    given = None if tokenizer is None else as_transformers(tokenizer)
+    tok_key = f"own-v{vocab_size}" if given is None else tokenizer_id(given)
+    stem = f"{FORMAT_VERSION}-{sources.fingerprint(source)}-f{val_fraction}"
+    directory = cache_root() / "corpora" / f"{stem}-t{tok_key}"
+    if given is not None and not (directory / "meta.json").exists():
+        directory = _own_corpus_with(stem, tok_key) or directory
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         docs = sources.documents(source)
@@ -87,21 +105,32 @@ def prepare(source: str = "stdlib-docs", vocab_size: int = 8192, val_fraction: f
         val_docs = [d for d in docs if is_validation(d, val_fraction)]
         if not train_docs or not val_docs:
             raise RankwiseError(f"data source {source!r} is too small to split into train and validation "
-                                f"({len(docs)} document(s)); give it more text")
-        tok = tokenizer or train_tokenizer(train_docs, vocab_size)
-        dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
+                                f"({len(docs)} document(s); a .txt file is split at blank lines, .jsonl has one "
+                                "per line); give it more documents")
+        tok = given or as_transformers(train_tokenizer(train_docs, vocab_size))
+        vocab = tok.backend_tokenizer.get_vocab_size()
+        dtype = np.uint16 if vocab <= 2**16 else np.uint32
         directory.mkdir(parents=True, exist_ok=True)
-        write_atomic(directory / "tokenizer.json", lambda p: tok.save(p))
+        save_pretrained_tokenizer(tok, directory / "tokenizer")
         for name, split_docs in (("train", train_docs), ("val", val_docs)):
             arr = _encode(tok, split_docs, dtype)
             write_atomic(directory / f"{name}.bin", lambda p, a=arr: a.tofile(p))
-        meta = {"source": source, "dtype": np.dtype(dtype).name, "vocab_size": tok.get_vocab_size(),
-                "documents": {"train": len(train_docs), "val": len(val_docs)}}
+        meta = {"source": source, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "eos_id": tok.eos_token_id,
+                "tokenizer": tokenizer_id(tok), "documents": {"train": len(train_docs), "val": len(val_docs)}}
         write_atomic(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     meta = json.loads(meta_path.read_text())
     arrays = {name: np.memmap(directory / f"{name}.bin", dtype=meta["dtype"], mode="r") for name in ("train", "val")}
-    return TokenizedCorpus(source, load_tokenizer(directory / "tokenizer.json"), arrays["train"], arrays["val"],
-                           directory)
+    tok = given or load_pretrained_tokenizer(str(directory / "tokenizer"))
+    return TokenizedCorpus(source, tok.backend_tokenizer, arrays["train"], arrays["val"], directory, tok)
+
+
+def _own_corpus_with(stem: str, tok_id: str) -> Path | None:
+    """The cached corpus of this source whose own BPE is the tokenizer ``tok_id`` (a run trained on it being
+    evaluated or resumed), so it is not tokenized twice."""
+    for meta in sorted((cache_root() / "corpora").glob(f"{stem}-town-v*/meta.json")):
+        if json.loads(meta.read_text()).get("tokenizer") == tok_id:
+            return meta.parent
+    return None
 
 
 class Batches:

@@ -6,6 +6,9 @@ A *source spec* is a string:
   ``inspect`` in a subprocess, so no module's import side effects reach the caller.
 - ``stdlib-code``: the ``.py`` sources of the standard library (code, a second domain).
 - a local ``.txt``/``.jsonl`` file or a folder of them (``.jsonl``: one JSON object per line, text in ``"text"``).
+  A ``.txt`` file is split into documents at blank lines (paragraphs); a paragraph longer than ``MAX_DOC_CHARS``
+  (4,096) characters is cut into chunks of at most that size, at the last line break (else space) before the limit.
+  Files must be UTF-8 (a leading byte-order mark is allowed).
 - ``hf:NAME[:CONFIG]`` (e.g. ``hf:allenai/c4:en``): a ``datasets`` dataset, streamed; needs ``pip install datasets``
   and internet access.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -103,26 +107,63 @@ def stdlib_code() -> list[str]:
     return docs
 
 
+MAX_DOC_CHARS = 4096
+
+
+def split_text(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """The documents of a plain-text file: its paragraphs (separated by blank lines), each cut into chunks of at
+    most ``max_chars`` characters at the last line break, else the last space, else exactly at the limit."""
+    if max_chars < 1:
+        raise RankwiseError(f"max_chars must be a positive integer, got {max_chars}")
+    docs = []
+    for para in re.split(r"\n(?:[ \t\r\f\v]*\n)+", text):
+        para = para.strip("\r\n")
+        while len(para) > max_chars:
+            cut = para.rfind("\n", 1, max_chars + 1)
+            if cut <= 0:
+                cut = para.rfind(" ", 1, max_chars + 1)
+            skip = 1 if cut > 0 else 0  # the line break or space at the cut is dropped, nothing else
+            cut = cut if cut > 0 else max_chars
+            docs.append(para[:cut])
+            para = para[cut + skip:]
+        docs.append(para)
+    return [d for d in docs if d.strip()]
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a byte that is not UTF-8 is one clear error naming the file and its byte offset."""
+    data = path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = bom + e.start
+        line = data[:offset].count(b"\n") + 1
+        raise RankwiseError(f"{path}: byte offset {offset} (line {line}) is not UTF-8 (byte 0x{data[offset]:02x}: "
+                            f"{e.reason}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _read_file(path: Path) -> Iterator[str]:
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise RankwiseError(f"{path}:{i}: not valid JSON ({e.msg}); .jsonl files need one JSON object "
-                                        "per line with the text in a \"text\" field") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise RankwiseError(f"{path}:{i}: expected an object with a string \"text\" field")
-                yield record["text"]
-    else:
-        yield path.read_text(encoding="utf-8", errors="replace")
+    text = read_utf8(path)
+    if path.suffix != ".jsonl":
+        yield from split_text(text)
+        return
+    for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RankwiseError(f"{path}:{i}: not valid JSON ({e.msg}); .jsonl files need one JSON object "
+                                "per line with the text in a \"text\" field") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise RankwiseError(f"{path}:{i}: expected an object with a string \"text\" field")
+        yield record["text"]
 
 
 def local_documents(path: str | os.PathLike) -> list[str]:
-    """Documents from a ``.txt``/``.jsonl`` file, or from every such file under a folder (sorted by path)."""
+    """Documents from a ``.txt`` (paragraphs, see ``split_text``) or ``.jsonl`` file, or from every such file under a
+    folder (sorted by path)."""
     p = Path(path)
     if not p.exists():
         raise RankwiseError(f"data path {str(p)!r} does not exist; pass a .txt/.jsonl file, a folder of them, "

@@ -33,11 +33,14 @@ def plot_routing(usage: dict[str, torch.Tensor], png: str | Path, title: str = "
     grid = torch.full((len(names), width), float("nan"))
     for i, name in enumerate(names):
         grid[i, :len(usage[name])] = usage[name] * len(usage[name])  # 1 = uniform share
-    fig, ax = plt.subplots(figsize=(min(14, 3 + width * 0.15), 1 + 0.3 * len(names)))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(min(14, 4 + width * 0.15), max(2.8, 1.2 + 0.3 * len(names))))
     im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(names)), [n.removeprefix("model.").replace(".adapters.default", "") for n in names],
                   fontsize=6)
     ax.set_xlabel("expert (rank) index")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title or "routing: share of selections x number of experts (1 = uniform)")
-    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.colorbar(im, ax=ax, fraction=0.04, label="share / uniform share")
     save_figure(fig, png, dpi=110)
