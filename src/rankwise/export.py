@@ -95,13 +95,14 @@ def run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
     """(model as trained: adapters attached, base quantized if it was; the run's ``TrainConfig``; its tokenizer)."""
+    from . import checkpoint as ckpt
     from .train import load_run as load_train_run
 
-    cfg = run_config(run_dir)
-    if cfg.get("quantize"):
+    if run_config(run_dir).get("quantize"):  # before unpickling: the checkpoint holds torchao tensors
         from .quant import require_torchao
 
         require_torchao("this run has a quantized base; reading it")
+    cfg = ckpt.load(run_dir)["config"]
     base = cfg.get("model") or cfg.get("preset")
     if base and os.path.isdir(base) and not os.path.isfile(os.path.join(base, "config.json")):
         raise RankwiseError(f"the run's model folder {base!r} has no config.json; restore the transformers "

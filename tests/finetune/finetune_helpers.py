@@ -22,8 +22,20 @@ def small_model(seed: int = 0) -> torch.nn.Module:
                        num_hidden_layers=2, num_attention_heads=4).eval()
 
 
+def save_tokenizer(path: Path) -> None:
+    """A BPE of 300 tokens over ``WORDS`` saved in ``path``, as a hub model folder has its tokenizer (rankwise
+    tokenizes with a folder's own tokenizer)."""
+    from rankwise.data.tokenizer import as_transformers, save_pretrained_tokenizer, train_tokenizer
+
+    rng = random.Random(1)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(120)) for _ in range(60)]
+    save_pretrained_tokenizer(as_transformers(train_tokenizer(docs, 300)), path)
+
+
 def model_folder(path: Path, seed: int = 0) -> str:
+    """A saved pretrained-style model with its own tokenizer."""
     small_model(seed).save_pretrained(str(path))
+    save_tokenizer(path)
     return str(path)
 
 

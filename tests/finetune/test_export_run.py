@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from finetune_helpers import logits, model_folder, quick_run, text_corpus, tokens
+from finetune_helpers import logits, model_folder, quick_run, save_tokenizer, text_corpus, tokens
 
 from rankwise.cli.main import main
 
@@ -123,6 +123,7 @@ def test_train_quantize_bad_input_writes_nothing(tmp_path, capsys):
     odd = tmp_path / "odd"  # hidden 40 x ffn 50: 2000 weights per MLP matrix, not a multiple of NF4's 64-blocks
     build_model("tiny", vocab_size=512, hidden_size=40, intermediate_size=50, num_hidden_layers=1,
                 num_attention_heads=4).save_pretrained(str(odd))
+    save_tokenizer(odd)
     common = ["--data", data, "--vocab-size", "300", "--steps", "1", "--seq-len", "16", "--quiet"]
     for argv, message in ((["--preset", str(odd), "--method", "lora", "--target", "all-linear"], "blocks of 64"),
                           (["--preset", str(odd), "--method", "full"], "adapter method")):

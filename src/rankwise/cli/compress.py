@@ -10,7 +10,7 @@ compression and training-free compensation.
 
 Prints perplexity before / after (with the sequence length it was measured at). ``--out`` receives the compressed
 model with its tokenizer: after WeLore alone, its factors (``welore.safetensors``: each compressed layer as B and A,
-so the saving shows on disk; ``--model DIR`` in rankwise loads it); with ``--dense`` or ``--quantize`` a plain
+so the saving shows on disk; ``--model DIR`` in rankwise loads it); with ``--dense``, ``--quantize`` or ``--eora`` a plain
 transformers folder (dense B·A, dequantized); ``welore.json`` (ranks and the report) and, with ``--eora``, ``eora/``
 (a PEFT LoRA adapter).
 """
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         with staged(out) as tmp:
             if args.eora:
                 save_adapter(original, tmp / ADAPTER, ADAPTER, base_model_name_or_path=str(out))
-            if args.dense or args.quantize or report is None:
+            if args.dense or args.quantize or args.eora or report is None:  # EoRA's adapter needs a plain base
                 dequantize_base(densify(model)).save_pretrained(tmp)
             else:
                 result["factored"] = save_factored(model, tmp)
