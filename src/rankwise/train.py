@@ -412,6 +412,23 @@ def _check_resume(cfg: TrainConfig, state: dict[str, Any]) -> TrainConfig:
     return replace(cfg, schedule_steps=cfg.schedule_steps or horizon)
 
 
+def _apply_allowed_changes(run: TrainConfig, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Loading the optimizer restored the run's lr / betas / weight decay: apply the ones ``allow_change`` let
+    differ (the lr scales every group's base lr, keeping per-group multipliers)."""
+    if cfg.lr != run.lr:
+        factor = cfg.lr / run.lr
+        scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group.get("initial_lr", run.lr) * factor
+    for group in optimizer.param_groups:
+        if tuple(cfg.betas) != tuple(run.betas) and "betas" in group:
+            group["betas"] = tuple(cfg.betas)
+        if (cfg.weight_decay != run.weight_decay and group.get("weight_decay") == run.weight_decay
+                and all(p.dim() >= 2 for p in group["params"])):  # matrices decay, vectors never (decay_groups)
+            group["weight_decay"] = cfg.weight_decay
+
+
 def _progress(cfg: TrainConfig, start: int):
     """A rich progress bar (or nothing when quiet) and a function to update it."""
     if cfg.quiet:
@@ -479,8 +496,13 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
             raise RankwiseError(f"the checkpoint in {cfg.resume!r} does not fit this model / method "
                                 f"({type(e).__name__}: {first[:200]}); resume with the run's own --method and "
                                 "--preset") from None
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # torch.distributed.checkpoint restores tensors, not the groups' floats
+        _apply_allowed_changes(TrainConfig.from_dict(state["config"]), cfg, optimizer, scheduler)
+        # the lr of the resumed step from this run's schedule (the same floats LambdaLR computed, unless --extend
+        # changed the horizon); torch.distributed.checkpoint restores tensors, not the groups' floats
+        scheduler._last_lr = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs,
+                                                                                   scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+            group["lr"] = lr
         ckpt.set_rng_state(state["rng"])
         start, initial_eval = state["step"], state["initial_eval_loss"]
         train_time, tokens_done = state["train_time"], state["tokens"]
@@ -580,15 +602,15 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                 loss_sum = distributed.mean(loss_sum, dist)
                 grad_norm = None
                 if bad is None and any(p.grad is not None for p in params):
-                    if cfg.grad_clip > 0:
-                        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    else:
-                        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                    # = clip_grad_norm_, split so that a non-finite norm is seen before it spreads to every grad
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                     grad_norm = distributed.scalar(norm, dist)
                 if bad is None and not math.isfinite(loss_sum):
                     bad = "loss"
                 if bad is None and grad_norm is not None and not math.isfinite(grad_norm):
                     bad = "grad_norm"
+                if bad is None and grad_norm is not None and cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
                 if bad is not None:
                     if layerwise and committed is None:
                         raise NonFiniteError(f"step {step}: non-finite {bad} after a layer-wise update")
@@ -655,6 +677,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     }
     if skipped:
         metrics["skipped_steps"] = skipped
+    if history and eval_loss >= initial_eval:
+        log.warning("the eval loss did not go down (%.4f -> %.4f): check --lr (%g; too high flattens the loss at "
+                    "ln(vocab)) and --warmup-steps", initial_eval, eval_loss, cfg.lr)
     if dist is not None:
         metrics.update(world_size=dist.world, parallel=dist.mode)
     out.write_json("metrics.json", metrics)
