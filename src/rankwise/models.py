@@ -61,10 +61,16 @@ def build_model(preset: str, vocab_size: int | None = None, seed: int | None = 0
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
     if preset not in PRESETS and os.path.isdir(preset):
-        if any(os.path.exists(os.path.join(preset, f)) for f in ("model.safetensors", "pytorch_model.bin",
-                                                                 "model.safetensors.index.json")):
-            return AutoModelForCausalLM.from_pretrained(preset).to(device)
-        config = AutoConfig.from_pretrained(preset)
+        check_model_folder(preset)
+        try:
+            if has_weights(preset):
+                return AutoModelForCausalLM.from_pretrained(preset).to(device)
+            config = AutoConfig.from_pretrained(preset)
+        except (OSError, ValueError, KeyError) as e:  # RankwiseError is a ValueError: keep it as it is
+            if isinstance(e, RankwiseError):
+                raise
+            raise RankwiseError(f"cannot load a transformers model from {preset!r}: "
+                                f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}") from None
         with torch.device(device):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -74,6 +80,35 @@ def build_model(preset: str, vocab_size: int | None = None, seed: int | None = 0
         torch.manual_seed(seed)
     with torch.device(device):
         return LlamaForCausalLM(config)
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+
+
+def has_weights(folder: str | os.PathLike) -> bool:
+    return any(os.path.exists(os.path.join(folder, f)) for f in WEIGHT_FILES)
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """A transformers model folder: a ``config.json`` that parses and names a ``model_type`` transformers knows."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise RankwiseError(f"{str(folder)!r} holds no config.json, so it is not a transformers model folder; "
+                            f"give a folder with config.json [+ weights] or a preset ({', '.join(PRESETS)})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RankwiseError(f"{path!r} is not valid JSON ({e})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in CONFIG_MAPPING:
+        raise RankwiseError(f"{path!r} has unknown model_type {model_type!r}; transformers "
+                            "knows e.g. llama, gpt2, mistral, qwen2")
 
 
 def max_positions(model: nn.Module) -> int | None:

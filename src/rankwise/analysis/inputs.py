@@ -39,6 +39,17 @@ def load_model(spec: str, data: str | None = None, vocab_size: int = 8192, seed:
     if spec not in PRESETS and not os.path.isdir(spec):
         raise RankwiseError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}), a transformers model "
                             "folder nor a `rankwise train --out` folder")
+    if spec not in PRESETS:
+        from ..models import check_model_folder, has_weights
+        from ..paths import run_files
+
+        if run_files(spec) and not os.path.exists(os.path.join(spec, "config.json")):
+            raise RankwiseError(f"--model {spec!r} is a `rankwise train` folder without {ckpt.CHECKPOINT_FILE}; "
+                                "give a run that saved a checkpoint")
+        check_model_folder(spec)
+        if not has_weights(spec):
+            raise RankwiseError(f"--model {spec!r} holds a config.json but no weights (model.safetensors or "
+                                "pytorch_model.bin); give a trained model, or a preset name for a random init")
     data = data or "stdlib-docs"
     if spec in PRESETS:
         return LoadedModel(build_model(spec, vocab_size=prepare(data, vocab_size).vocab_size, seed=seed), data,

@@ -33,8 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.inputs import load_model, perplexity, token_batches
     from ..analysis.report import write_json
     from ..analysis.welore import compress, densify
+    from ..atomic import dir_mode
     from ..errors import RankwiseError
+    from ..models import max_positions
+    from ..paths import check_out_dir
 
+    check_out_dir(args.out)
     if args.eval_batches < 0:
         raise RankwiseError(f"--eval-batches must be >= 0, got {args.eval_batches}")
     if not 0.0 <= args.ratio < 1.0 or not 0.0 <= args.min_ratio < 1.0:
@@ -44,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RankwiseError(f"--out {str(out)!r} exists and is not an empty folder; choose a new folder")
     loaded = load_model(args.model, args.data, args.vocab_size)
+    positions = max_positions(loaded.model)
+    if positions is not None and args.seq_len > positions:
+        raise RankwiseError(f"--seq-len {args.seq_len} is larger than the model's {positions} positions; use "
+                            f"--seq-len {positions} or less")
     model = loaded.model
     batches = (token_batches(loaded.data, args.vocab_size, args.eval_batches, 8, args.seq_len, split="val")
                if args.eval_batches else [])
@@ -57,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        tmp.chmod(dir_mode())  # mkdtemp's 0700 -> what mkdir gives under the umask
         try:
             densify(model).save_pretrained(tmp)
             write_json(result, tmp / "welore.json")

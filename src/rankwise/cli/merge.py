@@ -9,7 +9,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..atomic import dir_mode
 from ..errors import RankwiseError
+from ..paths import check_out_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import adapters
     from ..models import PRESETS, build_model
 
+    check_out_dir(args.out)
     config = adapters.read_config(args.adapter)
     base = args.base or config.get("base_model_name_or_path")
     if not base:
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     adapters.merge_and_unload(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(dir_mode())  # mkdtemp's 0700 -> what mkdir gives under the umask
     try:
         model.save_pretrained(tmp)
         if out.exists():
