@@ -52,7 +52,7 @@ def parse_bytes(text: str | int | float) -> int:
                                 "(2^30 bytes), 512MiB, or a number of bytes")
         value, unit = float(m.group(1)), m.group(2).upper()
     if not value > 0 or not math.isfinite(value * _UNITS[unit]):
-        raise RankwiseError(f"memory budget must be a positive, finite size, got {text!r}")
+        raise RankwiseError(f"memory budget must be positive and finite, got {text!r}")
     return int(value * _UNITS[unit])
 
 

@@ -528,6 +528,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         """Checkpoint the state after ``step`` (``rng``: the RNG state of that point, default now)."""
         nonlocal saved
         bad = first_nonfinite(model.state_dict().items())
+        if dist is not None and distributed.mean(float(bad is not None), dist) > 0:  # every rank decides alike
+            bad = bad or "a weight shard of another rank"
         if bad is not None:
             raise NonFiniteError(f"not saving step {step}: {bad} holds NaN/inf (the checkpoint of step {saved} "
                                  "is kept)")

@@ -134,7 +134,7 @@ CLI = [
                                        "--out", "{out}"], "larger than min(m, n) = 16", None),
     ("plan-lora-rank-above-min-dim", ["plan", "--model", "tiny", "--method", "lora", "--rank", "100000",
                                       "--seq", "64"], "larger than min(m, n) = 256", None),
-    ("plan-budget-overflow", ["plan", "--budget", "1e999GB"], "positive, finite", None),
+    ("plan-budget-overflow", ["plan", "--budget", "1e999GB"], "must be positive and finite", None),
     ("train-steps-negative", ["train", "--steps", "-1", "--out", "{out}"], "steps must be a positive integer", None),
     ("train-seq-len-past-positions", ["train", "--preset", "{micro}", *SMALL[:4], "--seq-len", "100", "--out", "{out}"],
      "larger than the model's 64 positions", None),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -77,5 +76,6 @@ def token_batches(data: str, vocab_size: int, n: int, batch_size: int, seq_len: 
 def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
     """exp of the mean next-token loss over ``batches`` (fp32)."""
     from ..train import evaluate
+    from ..train import perplexity as exp_loss
 
-    return math.exp(evaluate(model, batches, next(model.parameters()).device, "fp32"))
+    return exp_loss(evaluate(model, batches, next(model.parameters()).device, "fp32"))  # inf, not an overflow
