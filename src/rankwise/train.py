@@ -574,8 +574,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         show(step, f"loss {row['loss']:.3f}  {tokens_done / train_time:,.0f} tok/s" if row["loss"] is not None
              else "skipped")
         if cfg.quiet and (step % 10 == 0 or step == last):
-            log.info("step %d/%d loss %s lr %.2e %.0f tok/s", step, cfg.steps, row["loss"], row["lr"],
-                     row["tokens_per_s"])
+            log.info("step %d/%d loss %s lr %.2e %.0f tok/s", step, cfg.steps,
+                     "skipped" if row["loss"] is None else f"{row['loss']:.4f}", row["lr"], row["tokens_per_s"])
 
     with PeakMemory(device) as peak, bar, guard:
         try:
@@ -594,7 +594,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                     total_loss = loss if aux is None else loss + aux
                     if layerwise:  # the hooks update the weights during backward: check first, then commit
                         if not math.isfinite(distributed.mean(total_loss.item(), dist)):
-                            bad = "loss"
+                            bad, loss_sum = "loss", loss_sum + loss.item()
                             break
                         if committed is not None:
                             committed = None

@@ -189,3 +189,17 @@ def test_sigint_through_the_cli_exits_130_and_resumes(corpus, tmp_path, monkeypa
     assert rows(out) == rows(straight)
     a, b = checkpoint.load(out)["model"], checkpoint.load(straight)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_during_a_layerwise_backward_completes_the_step(corpus, setup, tmp_path):
+    """Layer-wise GaLore updates the weights inside backward: a Ctrl-C there waits for the step to finish."""
+    model0 = setup[0]
+    opts = dict(method="galore", method_options={"rank": 4, "layerwise": True}, grad_clip=0.0)
+    straight = train(micro_config(**opts), model=fresh(model0), corpus=corpus)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(micro_config(out=str(out), **opts), model=_patch_forward(fresh(model0), "signal", 3, backward=True),
+              corpus=corpus)
+    assert checkpoint.load(out)["step"] == 3
+    resumed = train(micro_config(out=str(out), resume=str(out), **opts), model=fresh(model0), corpus=corpus)
+    assert same_weights(resumed.model, straight.model)

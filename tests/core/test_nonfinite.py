@@ -145,3 +145,12 @@ def test_cli_nan_exits_3_with_one_line(corpus, model0, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert code == 3 and err.count("\n") == 0 and "step 2: non-finite loss" in err, err
     assert checkpoint.load(out)["step"] == 1
+
+
+def test_layerwise_update_checks_the_loss_before_backward_updates_the_weights(corpus, model0, tmp_path):
+    out = tmp_path / "run"
+    cfg = micro_config(out=str(out), method="galore", method_options={"rank": 4, "layerwise": True}, grad_clip=0.0)
+    with pytest.raises(NonFiniteError, match="step 3: non-finite loss"):
+        train(cfg, model=nan_in_loss_at(fresh(model0), 3), corpus=corpus)
+    state = checkpoint.load(out)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["model"].values())
