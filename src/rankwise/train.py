@@ -522,11 +522,14 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         out.record({"step": 0, "eval_loss": initial_eval, "eval_ppl": perplexity(initial_eval)})
 
     saved = start  # the step of the checkpoint on disk (0: none yet, or the one resumed from)
+    writes = bool(cfg.out) and (out.dir is not None or dist is not None)  # this run writes checkpoints
     skipped: list[int] = []
 
     def save(step: int, rng: dict[str, Any] | None = None, pending_row: dict[str, Any] | None = None) -> None:
         """Checkpoint the state after ``step`` (``rng``: the RNG state of that point, default now)."""
         nonlocal saved
+        if not writes:
+            return
         bad = first_nonfinite(model.state_dict().items())
         if dist is not None and distributed.mean(float(bad is not None), dist) > 0:  # every rank decides alike
             bad = bad or "a weight shard of another rank"
@@ -660,8 +663,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                     kept = f"; {bad_weights}"
             out.close()
             if isinstance(e, NonFiniteError):
-                where = f"the checkpoint of step {saved} is kept" if saved else "no checkpoint was written"
-                raise NonFiniteError(f"{e}{kept}; {where}") from None
+                where = ("" if not writes else f"; the checkpoint of step {saved} is kept" if saved else
+                         "; no checkpoint was written")
+                raise NonFiniteError(f"{e}{kept}{where}") from None
             raise
         finally:
             out.close()
