@@ -479,7 +479,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     engine = distributed.wrap(model, dist)  # what forward/backward run through (DDP, or model sharded in place)
     optimizer = method.build_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.horizon, cfg.min_lr_ratio) * method.lr_factor(s))
+        optimizer,
+        lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.horizon, cfg.min_lr_ratio) * method.lr_factor(s))
     trainable, total = count_params(model)
     layerwise = bool(getattr(optimizer, "layerwise", False))  # updates run inside backward
 

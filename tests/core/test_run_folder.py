@@ -67,7 +67,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_nothing_after_the_next_start(co
     assert checkpoint.load(out)["step"] == 4
 
 
-def test_a_run_is_not_overwritten_without_overwrite(corpus, model0, tmp_path, capsys):
+def test_a_run_is_not_overwritten_without_overwrite(corpus, model0, tmp_path):
     out = tmp_path / "run"
     train(micro_config(out=str(out), steps=3), model=fresh(model0), corpus=corpus)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
