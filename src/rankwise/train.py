@@ -31,7 +31,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import paths
-from .atomic import clean_stale, json_dumps, write_json_atomic, write_text_atomic
+from .atomic import clean_stale, explained_errors, json_dumps, write_json_atomic, write_text_atomic
 from . import distributed
 from . import methods as methods_mod
 from .data import Batches, TokenizedCorpus, prepare
@@ -312,8 +312,9 @@ class _Output:
 
     def record(self, row: dict[str, Any]) -> None:
         if self._jsonl:
-            self._jsonl.write(json_dumps(row) + "\n")
-            self._jsonl.flush()
+            with explained_errors(self.dir / "metrics.jsonl"):  # a full disk: one line, not a traceback
+                self._jsonl.write(json_dumps(row) + "\n")
+                self._jsonl.flush()
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.dir:

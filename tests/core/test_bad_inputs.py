@@ -286,6 +286,32 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(shared, tmp_p
     def no_space(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    class FullFile:  # metrics.jsonl, appended to at every step
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: FullFile(real_open(self, *a, **k))
+                        if self.name == "metrics.jsonl" else real_open(self, *a, **k))
+    run2 = tmp_path / "run2"
+    shutil.copytree(shared["run"], run2)
+    assert main(["train", "--resume", str(run2), "--steps", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no space left" in err and "metrics.jsonl" in err, err
+    monkeypatch.undo()
+
     monkeypatch.setattr(Path, "write_text", no_space)  # the very first write of a new run
     out = tmp_path / "new"
     assert main(["train", "--preset", str(shared["micro"]), *SMALL, "--out", str(out)]) == 2
