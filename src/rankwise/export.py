@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .atomic import dir_mode
 from .errors import RankwiseError
 
 log = logging.getLogger("rankwise")
@@ -64,6 +65,7 @@ def staged(out: Path, replace: bool = False) -> Iterator[Path]:
         check_new_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(dir_mode())  # mkdtemp's 0700 -> what mkdir gives under the umask
     try:
         yield tmp
         if out.exists():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -87,6 +89,12 @@ class MethodInfo:
     description: str
     factory: Callable[..., Method]
 
+    def annotations(self) -> dict[str, str]:
+        """Option names and their type annotations, as text."""
+        return {k: v.annotation if isinstance(v.annotation, str) else getattr(v.annotation, "__name__", "")
+                for k, v in inspect.signature(self.factory).parameters.items()
+                if v.annotation is not inspect.Parameter.empty}
+
     def options(self) -> dict[str, Any]:
         """Option names and defaults the factory accepts (``None`` where the method resolves the default itself)."""
         return {k: (None if v.default is inspect.Parameter.empty else v.default)
@@ -103,6 +111,29 @@ class MethodInfo:
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
+
+# integer options that count something and must be >= 1 whatever the method
+POSITIVE_OPTIONS = ("rank", "r", "update_gap")
+
+
+def _check_option(method: str, key: str, value: Any, annotation: str) -> None:
+    """``value`` has the type the factory's annotation names (int / float / bool / str, or None when optional),
+    is finite, and is >= 1 for the counting options (rank, r, update_gap)."""
+    words = set(re.findall(r"[A-Za-z_]+", annotation))
+    where = f"method {method!r} option {key}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RankwiseError(f"{where} must be a finite number, got {value!r}")
+    checks = {"bool": lambda v: isinstance(v, bool), "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str) or (key == "target" and isinstance(v, (list, tuple))),
+              "None": lambda v: v is None}
+    named = [t for t in checks if t in words]
+    if named and not (words - set(checks) - {"Optional"}) and not any(checks[t](value) for t in named):
+        kinds = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+        want = " or ".join(kinds[t] for t in named if t != "None")
+        raise RankwiseError(f"{where} must be {want}, got {value!r}")
+    if key in POSITIVE_OPTIONS and checks["int"](value) and value < 1:
+        raise RankwiseError(f"{where} must be a positive integer, got {value}")
 
 # Modules that register methods when imported; each family owns one line.
 BUILTIN_MODULES = [
@@ -153,7 +184,14 @@ def get(name: str, **options: Any) -> Method:
     if unknown:
         raise RankwiseError(f"method {name!r} does not take option(s) {', '.join(unknown)}; "
                             f"valid options: {', '.join(valid) or 'none'}")
-    method = meta.factory(**options)
+    for key, value in options.items():
+        _check_option(name, key, value, meta.annotations().get(key, ""))
+    try:
+        method = meta.factory(**options)
+    except RankwiseError:
+        raise
+    except (TypeError, ValueError) as e:  # a factory's own check, in its own words
+        raise RankwiseError(f"method {name!r}: {e}") from None
     method.name = name
     method.options = options
     return method

@@ -73,15 +73,17 @@ def build_model(preset: str, vocab_size: int | None = None, seed: int | None = 0
     ``preset`` may also be a local directory: a transformers ``config.json`` (random init), full weights, or a
     ``rankwise train --out`` folder (its weights, see ``load_pretrained``).
     """
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
     if preset not in PRESETS and os.path.isdir(preset):
         if is_run(preset) or has_weights(preset):
             return load_pretrained(preset, device)
-        if not os.path.exists(os.path.join(preset, "config.json")):
-            raise RankwiseError(f"model folder {preset!r} holds no config.json, weights or rankwise run; pass a "
-                                "folder saved with save_pretrained, a run folder, or a preset")
-        config = AutoConfig.from_pretrained(preset)
+        check_model_folder(preset)
+        try:
+            config = AutoConfig.from_pretrained(preset)
+        except (OSError, ValueError, KeyError) as e:
+            raise RankwiseError(f"cannot load a transformers model config from {preset!r}: "
+                                f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}") from None
         with torch.device(device):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -130,7 +132,12 @@ def load_pretrained(spec: str, device: str | torch.device = "cpu") -> nn.Module:
             from .analysis.welore import load_factored
 
             return load_factored(spec).to(device)
-        return AutoModelForCausalLM.from_pretrained(spec).to(device)
+        check_model_folder(spec)
+        try:
+            return AutoModelForCausalLM.from_pretrained(spec).to(device)
+        except (OSError, ValueError, KeyError) as e:  # a truncated or mismatched weights file
+            raise RankwiseError(f"cannot load a transformers model from {spec!r}: "
+                                f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}") from None
     if spec in PRESETS or not _looks_like_hub_name(spec):
         raise RankwiseError(f"--model {spec!r} is not a folder or hub name; pass a `rankwise train --out` folder, a "
                             f"transformers model folder or a hub name (for a random init use --preset {spec})")
@@ -186,6 +193,27 @@ def plain_model(model: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, dense)
     return model
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """A transformers model folder: a ``config.json`` that parses and names a ``model_type`` transformers knows."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise RankwiseError(f"{str(folder)!r} holds no config.json, so it is not a transformers model folder; "
+                            f"give a folder with config.json [+ weights] or a preset ({', '.join(PRESETS)})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RankwiseError(f"{path!r} is not valid JSON ({e})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in CONFIG_MAPPING:
+        raise RankwiseError(f"{path!r} has unknown model_type {model_type!r}; transformers "
+                            "knows e.g. llama, gpt2, mistral, qwen2")
 
 
 def max_positions(model: nn.Module) -> int | None:

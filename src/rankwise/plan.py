@@ -20,6 +20,7 @@ Activations are an *estimate* (``activation_bytes``), documented in docs/plan.md
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -50,8 +51,8 @@ def parse_bytes(text: str | int | float) -> int:
             raise RankwiseError(f"cannot parse memory budget {text!r}; write e.g. 24GB (10^9 bytes), 24GiB or 24G "
                                 "(2^30 bytes), 512MiB, or a number of bytes")
         value, unit = float(m.group(1)), m.group(2).upper()
-    if not value > 0:
-        raise RankwiseError(f"memory budget must be positive, got {text!r}")
+    if not value > 0 or not math.isfinite(value * _UNITS[unit]):
+        raise RankwiseError(f"memory budget must be positive and finite, got {text!r}")
     return int(value * _UNITS[unit])
 
 

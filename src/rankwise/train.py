@@ -16,13 +16,17 @@ only pre-training from scratch (a preset) trains a new byte-level BPE on the dat
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
 import os
 import platform
+import shutil
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,16 +35,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .atomic import write_json_atomic
+from . import paths
+from .atomic import clean_stale, explained_errors, json_dumps, write_json_atomic, write_text_atomic
 from . import distributed
 from . import methods as methods_mod
 from .data import Batches, TokenizedCorpus, prepare
-from .errors import RankwiseError
+from .errors import NonFiniteError, RankwiseError
 from .methods import Method, OptimConfig
 from .metrics import PeakMemory, optimizer_state_bytes
 from .models import PRESETS, TRAIN_CONFIG, build_model, count_params, load_pretrained, max_positions, model_tokenizer
 
 log = logging.getLogger("rankwise")
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+# Settings a resumed run may change freely: they do not change what is computed (``steps``: see ``schedule_steps``).
+RESUME_FREE = frozenset({"steps", "stop_at", "out", "resume", "device", "parallel", "quiet", "checkpoint_every",
+                         "eval_every", "on_nonfinite", "overwrite", "extend", "allow_change", "schedule_steps"})
+# Settings of one invocation, not of the run: a resumed run starts with their defaults.
+PER_CALL = ("stop_at", "out", "resume", "overwrite", "extend", "allow_change", "quiet")
+
+_INTS = ("vocab_size", "steps", "batch_size", "grad_accum", "seq_len", "warmup_steps", "seed", "eval_every",
+         "eval_batches", "checkpoint_every")
+_OPTIONAL_INTS = ("stop_at", "schedule_steps")
+_FLOATS = ("lr", "min_lr_ratio", "weight_decay", "grad_clip")
+_STRS = ("preset", "method", "data", "dtype", "device", "parallel", "on_nonfinite")
+_OPTIONAL_STRS = ("out", "resume")
+_BOOLS = ("quiet", "overwrite", "extend")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -73,10 +103,32 @@ class TrainConfig:
     parallel: str = "ddp"  # with several processes (torchrun): ddp or fsdp (FSDP2 fully_shard)
     quantize: str | None = None  # nf4 / int8: frozen quantized base for adapter methods (rankwise.quant)
     quiet: bool = False
+    on_nonfinite: str = "stop"  # a non-finite loss / gradient norm: stop (keep the last good checkpoint) or skip
+    overwrite: bool = False  # start a new run in an --out that holds one (its run files are removed first)
+    schedule_steps: int | None = None  # horizon of the cosine schedule; None: ``steps`` (a resumed run keeps its own)
+    extend: bool = False  # with resume: stretch the schedule's horizon to the new ``steps`` (lr jumps; not exact)
+    allow_change: tuple[str, ...] = ()  # with resume: settings that may differ from the run's (not bit-exact)
 
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches")
-        for name in positive:
+        """Types and ranges of every field; one ``RankwiseError`` naming the field and the fix."""
+        for name in _INTS + _OPTIONAL_INTS:
+            v = getattr(self, name)
+            if not (_is_int(v) or (v is None and name in _OPTIONAL_INTS)):
+                raise RankwiseError(f"{name} must be an integer, got {v!r}")
+        for name in _FLOATS:
+            v = getattr(self, name)
+            if not _is_number(v):
+                raise RankwiseError(f"{name} must be a finite number, got {v!r}")
+        for name in _STRS + _OPTIONAL_STRS:
+            v = getattr(self, name)
+            if not (isinstance(v, str) or (v is None and name in _OPTIONAL_STRS)):
+                raise RankwiseError(f"{name} must be a string, got {v!r}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise RankwiseError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.method_options, dict):
+            raise RankwiseError(f"method_options must be a dict of option -> value, got {self.method_options!r}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise RankwiseError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
@@ -86,6 +138,13 @@ class TrainConfig:
             raise RankwiseError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise RankwiseError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise RankwiseError(f"{name} must be >= 0, got {getattr(self, name)}")
+        betas = self.betas
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            raise RankwiseError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if self.parallel not in distributed.MODES:
             raise RankwiseError(f"unknown parallel mode {self.parallel!r}; valid: {', '.join(distributed.MODES)}")
         if self.quantize is not None and self.quantize not in ("nf4", "int8"):
@@ -95,8 +154,25 @@ class TrainConfig:
                                 "across ranks); use --parallel ddp")
         if self.dtype not in ("fp32", "bf16"):
             raise RankwiseError(f"unknown dtype {self.dtype!r}; valid: fp32, bf16")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise RankwiseError(f"unknown on_nonfinite {self.on_nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
             raise RankwiseError(f"stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
+        if self.schedule_steps is not None and self.schedule_steps <= 0:
+            raise RankwiseError(f"schedule_steps must be a positive integer, got {self.schedule_steps}")
+        if self.out is not None and not self.out.strip():
+            raise RankwiseError("out '' is not a folder; give a folder path, or None to write nothing")
+        if self.resume is not None and not self.resume.strip():
+            raise RankwiseError("resume '' is not a folder; give the --out folder of an earlier run")
+        if self.extend and not self.resume:
+            raise RankwiseError("extend goes with resume: it stretches a resumed run's schedule to the new steps")
+        if isinstance(self.allow_change, str) or not all(isinstance(a, str) for a in self.allow_change):
+            raise RankwiseError(f"allow_change must be a list of setting names, got {self.allow_change!r}")
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(self.allow_change) - names)
+        if unknown:
+            raise RankwiseError(f"allow_change names unknown setting(s) {', '.join(unknown)}; valid: "
+                                f"{', '.join(sorted(names - RESUME_FREE))}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -109,7 +185,22 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in known}
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
+        if "allow_change" in d:
+            d["allow_change"] = tuple(d["allow_change"])
         return cls(**d)
+
+    @classmethod
+    def of_run(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The config saved in a run's checkpoint, with the per-invocation settings (``PER_CALL``) at defaults."""
+        cfg, default = cls.from_dict(d), cls()
+        for name in PER_CALL:
+            setattr(cfg, name, getattr(default, name))
+        return cfg
+
+    @property
+    def horizon(self) -> int:
+        """The step at which the cosine schedule reaches ``min_lr_ratio``."""
+        return self.schedule_steps or self.steps
 
 
 @dataclass
@@ -146,8 +237,31 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of a (B, T+1) batch, computed in fp32."""
-    logits = model(input_ids=batch[:, :-1]).logits
+    logits = getattr(model(input_ids=batch[:, :-1]), "logits", None)
+    if logits is None:
+        raise RankwiseError(f"the model ({type(model).__name__}) returned no .logits: it must be a causal LM "
+                            "such as a transformers AutoModelForCausalLM")
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, ``inf`` past float range (a loss above ~709) instead of an ``OverflowError``."""
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
+def check_causal_lm(model: Any) -> None:
+    """``model`` must be a module whose forward takes ``input_ids`` (and returns ``.logits``)."""
+    kind = type(model).__name__
+    if not isinstance(model, nn.Module):
+        raise RankwiseError(f"model must be a causal LM (a torch nn.Module such as a transformers "
+                            f"AutoModelForCausalLM), got a {kind}")
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if "input_ids" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise RankwiseError(f"model must be a causal LM whose forward takes input_ids and returns .logits (such as "
+                            f"a transformers AutoModelForCausalLM), got {kind}")
 
 
 @torch.no_grad()
@@ -213,24 +327,39 @@ def _tokenizer_for(cfg: TrainConfig):
 class _Output:
     """Everything a run writes under OUT."""
 
-    def __init__(self, out: str | None, resumed_step: int):
+    def __init__(self, out: str | None, resumed_step: int, clear: bool = False, keep_sharded: str | None = None):
         self.dir = Path(out) if out else None
         self._jsonl = None
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        if clear:  # --overwrite: the earlier run's files go, so nothing of it can mix with this one
+            paths.clear_run(self.dir)
+        removed = clean_stale(self.dir)
+        for old in self.dir.glob(f"{distributed.SHARDED_DIR}-*"):  # FSDP folders the checkpoint does not name
+            if old.is_dir() and old.name != keep_sharded:
+                shutil.rmtree(old, ignore_errors=True)
+                removed.append(old.name)
+        if removed:
+            log.info("removed %d stale temp file(s) from %s", len(removed), self.dir)
         path = self.dir / "metrics.jsonl"
         kept = []
         if resumed_step and path.exists():  # drop records past the checkpoint we resume from
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
-        path.write_text("".join(line + "\n" for line in kept))
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash mid-write
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= resumed_step:
+                    kept.append(line)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
         self._jsonl = path.open("a")
 
     def record(self, row: dict[str, Any]) -> None:
         if self._jsonl:
-            self._jsonl.write(json.dumps(row) + "\n")
-            self._jsonl.flush()
+            with explained_errors(self.dir / "metrics.jsonl"):  # a full disk: one line, not a traceback
+                self._jsonl.write(json_dumps(row) + "\n")
+                self._jsonl.flush()
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.dir:
@@ -239,6 +368,111 @@ class _Output:
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
+            self._jsonl = None
+
+
+class _SigintGuard:
+    """Defers Ctrl-C (SIGINT) while the run's state changes (optimizer step .. after_step, metrics line, checkpoint
+    write): the interrupt is raised as ``KeyboardInterrupt`` right after that section, when model, optimizer,
+    scheduler and method agree on one step. Installed only in the main thread over Python's default handler."""
+
+    def __init__(self) -> None:
+        self.depth, self.pending, self._old = 0, False, None
+
+    def __enter__(self) -> "_SigintGuard":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def enter(self) -> None:
+        self.depth += 1
+
+    def exit(self) -> None:
+        """Leave a section; raise the interrupt that arrived inside it, if any."""
+        self.depth -= 1
+        if not self.depth and self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self):
+        self.enter()
+        try:
+            yield
+        except BaseException:
+            self.depth -= 1
+            raise
+        self.exit()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def first_nonfinite(named: Any) -> str | None:
+    """The name of the first floating-point tensor in ``named`` ((name, tensor) pairs) holding a NaN or inf."""
+    for name, t in named:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
+            return name
+    return None
+
+
+def _nonfinite_grad(model: nn.Module) -> str | None:
+    return first_nonfinite((n, p.grad) for n, p in model.named_parameters())
+
+
+def _check_resume(cfg: TrainConfig, state: dict[str, Any]) -> TrainConfig:
+    """Refuse settings that change the computation of a resumed run (unless in ``allow_change``); return ``cfg``
+    with the schedule horizon of the run (or, with ``extend``, the new ``steps``)."""
+    try:
+        run = TrainConfig.from_dict(state["config"])
+    except TypeError as e:
+        raise RankwiseError(f"the checkpoint in {cfg.resume!r} holds an unreadable config ({e})") from None
+    for f in fields(TrainConfig):
+        if f.name in RESUME_FREE or f.name in cfg.allow_change:
+            continue
+        old, new = getattr(run, f.name), getattr(cfg, f.name)
+        if f.name == "betas":
+            old, new = tuple(old), tuple(new)
+        if old != new:
+            flag = "--opt / --rank / ..." if f.name == "method_options" else "--" + f.name.replace("_", "-")
+            raise RankwiseError(f"resume {cfg.resume!r}: the run used {f.name}={old!r}, this call sets {new!r}, "
+                                f"which changes the computation; drop {flag}, or pass --allow-change {f.name} to "
+                                "continue with the new value (not bit-exact)")
+    horizon = cfg.steps if cfg.extend else run.horizon
+    if cfg.schedule_steps is not None and cfg.schedule_steps != horizon and "schedule_steps" not in cfg.allow_change:
+        raise RankwiseError(f"resume {cfg.resume!r}: the run's schedule ends at step {horizon}, this call sets "
+                            f"schedule_steps={cfg.schedule_steps}; drop it, or pass extend=True (--extend)")
+    return replace(cfg, schedule_steps=cfg.schedule_steps or horizon)
+
+
+def _apply_allowed_changes(run: TrainConfig, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Loading the optimizer restored the run's lr / betas / weight decay: apply the ones ``allow_change`` let
+    differ (the lr scales every group's base lr, keeping per-group multipliers)."""
+    if cfg.lr != run.lr:
+        factor = cfg.lr / run.lr
+        scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group.get("initial_lr", run.lr) * factor
+    for group in optimizer.param_groups:
+        if tuple(cfg.betas) != tuple(run.betas) and "betas" in group:
+            group["betas"] = tuple(cfg.betas)
+        if (cfg.weight_decay != run.weight_decay and group.get("weight_decay") == run.weight_decay
+                and all(p.dim() >= 2 for p in group["params"])):  # matrices decay, vectors never (decay_groups)
+            group["weight_decay"] = cfg.weight_decay
 
 
 def _progress(cfg: TrainConfig, start: int):
@@ -255,12 +489,30 @@ def _progress(cfg: TrainConfig, start: int):
 
 def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | None = None,
           corpus: TokenizedCorpus | None = None, on_step: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-    """Train ``model`` (default: the preset, randomly initialised) with ``method`` (default: ``cfg.method``)."""
+    """Train ``model`` (default: the preset, randomly initialised) with ``method`` (default: ``cfg.method``).
+
+    Interrupts (Ctrl-C) and non-finite losses leave ``OUT/checkpoint.pt`` consistent: it holds either the state
+    after the last completed step or the previous checkpoint, never a mix. A non-finite loss / gradient norm stops
+    the run with a ``NonFiniteError`` naming the step and the tensor (``on_nonfinite="skip"``: the step's update is
+    skipped and training goes on)."""
     cfg.validate()
+    paths.check_out_dir(cfg.out)
+    resuming_here = bool(cfg.resume and cfg.out and Path(cfg.out).resolve() == Path(cfg.resume).resolve())
+    if not resuming_here:  # every rank checks before any of them writes (setup is a rendezvous)
+        paths.check_new_run(cfg.out, cfg.overwrite)
     if model is None and cfg.preset not in PRESETS and not os.path.isdir(cfg.preset):
         build_model(cfg.preset)  # raises the unknown-preset error before anything is written
+    if model is not None:
+        check_causal_lm(model)
     method = method or methods_mod.get(cfg.method, **cfg.method_options)
     state = ckpt.load(cfg.resume) if cfg.resume else None
+    if state is not None:
+        cfg = _check_resume(cfg, state)
+        if state["step"] >= cfg.steps:
+            raise RankwiseError(f"the checkpoint in {cfg.resume!r} is already at step {state['step']} of "
+                                f"{cfg.steps}; raise --steps to train further")
+        if cfg.stop_at is not None and cfg.stop_at <= state["step"]:
+            raise RankwiseError(f"stop_at {cfg.stop_at} is not after the checkpoint's step {state['step']}")
     device = resolve_device(cfg.device)
     dist = distributed.setup(cfg.parallel, cfg.batch_size, device)  # None in a single process
     device = dist.device if dist else device
@@ -273,52 +525,118 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     engine = distributed.wrap(model, dist)  # what forward/backward run through (DDP, or model sharded in place)
     optimizer = method.build_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) * method.lr_factor(s))
+        optimizer,
+        lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.horizon, cfg.min_lr_ratio) * method.lr_factor(s))
     trainable, total = count_params(model)
+    layerwise = bool(getattr(optimizer, "layerwise", False))  # updates run inside backward
 
-    start, initial_eval, train_time, tokens_done = 0, None, 0.0, 0
+    start, initial_eval, train_time, tokens_done, pending = 0, None, 0.0, 0, None
     if state is not None:
-        distributed.load(dist, model, optimizer, state, cfg.resume)
-        scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # torch.distributed.checkpoint restores tensors, not the groups' floats
-        method.load_state_dict(state["method"])
+        try:
+            distributed.load(dist, model, optimizer, state, cfg.resume)
+            scheduler.load_state_dict(state["scheduler"])
+            method.load_state_dict(state["method"])
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            if isinstance(e, RankwiseError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RankwiseError(f"the checkpoint in {cfg.resume!r} does not fit this model / method "
+                                f"({type(e).__name__}: {first[:200]}); resume with the run's own --method and "
+                                "--preset") from None
+        _apply_allowed_changes(TrainConfig.from_dict(state["config"]), cfg, optimizer, scheduler)
+        # the lr of the resumed step from this run's schedule (the same floats LambdaLR computed, unless --extend
+        # changed the horizon); torch.distributed.checkpoint restores tensors, not the groups' floats
+        scheduler._last_lr = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs,
+                                                                                   scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+            group["lr"] = lr
         ckpt.set_rng_state(state["rng"])
         start, initial_eval = state["step"], state["initial_eval_loss"]
         train_time, tokens_done = state["train_time"], state["tokens"]
-        if start >= cfg.steps:
-            raise RankwiseError(f"the checkpoint in {cfg.resume!r} is already at step {start} of {cfg.steps}; "
-                                "raise --steps to train further")
-    out = _Output(cfg.out if dist is None or dist.main else None, start)
+        pending = state.get("pending_row")  # the row of the checkpoint's step, if its eval/record was interrupted
+    out = _Output(cfg.out if dist is None or dist.main else None, start, clear=cfg.overwrite and state is None,
+                  keep_sharded=state.get("sharded") if state is not None and resuming_here else None)
+    if state is not None and not resuming_here and (dist is None or dist.main):
+        clean_stale(cfg.resume)  # debris of the earlier run's killed writes
     out.write_json(TRAIN_CONFIG, _describe(cfg, method))
     if out.dir:
         corpus.save_tokenizer(out.dir)
+    guard = _SigintGuard()
     if initial_eval is None:
         initial_eval = evaluate(model, eval_data, device, cfg.dtype)
-        out.record({"step": 0, "eval_loss": initial_eval, "eval_ppl": math.exp(initial_eval)})
+        if not math.isfinite(initial_eval):
+            out.close()
+            raise NonFiniteError(f"the initial eval loss is {initial_eval}: the model's weights are non-finite "
+                                 f"({first_nonfinite(model.named_parameters()) or 'no parameter'} holds NaN/inf)")
+        out.record({"step": 0, "eval_loss": initial_eval, "eval_ppl": perplexity(initial_eval)})
 
-    def save(step: int) -> None:
-        payload = {"scheduler": scheduler.state_dict(), "method": method.state_dict(), "rng": ckpt.rng_state(),
-                   "step": step, "initial_eval_loss": initial_eval, "train_time": train_time,
-                   "tokens": tokens_done, "config": asdict(cfg)}
-        if dist is not None and cfg.out:
-            distributed.save(dist, model, optimizer, payload, Path(cfg.out), step)
-        elif out.dir:
-            ckpt.save_atomic({**payload, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                             out.dir / ckpt.CHECKPOINT_FILE)
+    saved = start  # the step of the checkpoint on disk (0: none yet, or the one resumed from)
+    writes = bool(cfg.out) and (out.dir is not None or dist is not None)  # this run writes checkpoints
+    skipped: list[int] = []
+
+    def save(step: int, rng: dict[str, Any] | None = None, pending_row: dict[str, Any] | None = None) -> None:
+        """Checkpoint the state after ``step`` (``rng``: the RNG state of that point, default now)."""
+        nonlocal saved
+        if not writes:
+            return
+        bad = first_nonfinite(model.state_dict().items())
+        if dist is not None and distributed.mean(float(bad is not None), dist) > 0:  # every rank decides alike
+            bad = bad or "a weight shard of another rank"
+        if bad is not None:
+            raise NonFiniteError(f"not saving step {step}: {bad} holds NaN/inf (the checkpoint of step {saved} "
+                                 "is kept)")
+        payload = {"scheduler": scheduler.state_dict(), "method": method.state_dict(),
+                   "rng": rng if rng is not None else ckpt.rng_state(), "step": step,
+                   "initial_eval_loss": initial_eval, "train_time": train_time, "tokens": tokens_done,
+                   "config": asdict(cfg), "pending_row": pending_row}
+        with guard.critical():
+            if dist is not None and cfg.out:
+                distributed.save(dist, model, optimizer, payload, Path(cfg.out), step)
+            elif out.dir:
+                ckpt.save_atomic({**payload, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                                 out.dir / ckpt.CHECKPOINT_FILE)
+            saved = step
 
     history: list[dict[str, Any]] = []
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     last = cfg.stop_at or cfg.steps
     params = [p for p in model.parameters() if p.requires_grad]
     bar, show = _progress(cfg, start)
-    step, updating = start, False
     eval_loss = initial_eval
-    with PeakMemory(device) as peak, bar:
+    # (committed, rng): the step that model, optimizer, scheduler and method all agree on (None while an update is
+    # half applied) and the RNG state a checkpoint of it must hold; pending: that step's row, not yet recorded
+    committed, rng = start, ckpt.rng_state()
+
+    def finish(row: dict[str, Any]) -> None:
+        """Evaluate (when due) and record the row of the committed step."""
+        nonlocal eval_loss, pending
+        step = row["step"]
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == last:
+            eval_loss = evaluate(model, eval_data, device, cfg.dtype)
+            if not math.isfinite(eval_loss):
+                raise NonFiniteError(f"step {step}: the eval loss is {eval_loss} "
+                                     f"({first_nonfinite(model.named_parameters()) or 'no parameter'} holds NaN/inf)")
+            row = {**row, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
+        with guard.critical():
+            history.append(row)
+            out.record(row)
+            pending = None
+        if on_step:
+            on_step(row)
+        show(step, f"loss {row['loss']:.3f}  {tokens_done / train_time:,.0f} tok/s" if row["loss"] is not None
+             else "skipped")
+        if cfg.quiet and (step % 10 == 0 or step == last):
+            log.info("step %d/%d loss %s lr %.2e %.0f tok/s", step, cfg.steps,
+                     "skipped" if row["loss"] is None else f"{row['loss']:.4f}", row["lr"], row["tokens_per_s"])
+
+    with PeakMemory(device) as peak, bar, guard:
         try:
+            if pending is not None:
+                finish(pending)
             for step in range(start + 1, last + 1):
+                rng = ckpt.rng_state()  # what a checkpoint of step - 1 holds
                 t0 = time.perf_counter()
-                loss_sum = 0.0
+                loss_sum, bad = 0.0, None
                 for micro in range(cfg.grad_accum):
                     batch = train_data.train_batch((step - 1) * cfg.grad_accum + micro)
                     batch = distributed.shard_batch(batch, dist).to(device)
@@ -326,53 +644,84 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                         loss = lm_loss(engine, batch)
                         aux = method.aux_loss(model)
                     total_loss = loss if aux is None else loss + aux
+                    if layerwise:  # the hooks update the weights during backward: check first, then commit
+                        if not math.isfinite(distributed.mean(total_loss.item(), dist)):
+                            bad, loss_sum = "loss", loss_sum + loss.item()
+                            break
+                        if committed is not None:
+                            committed = None
+                            guard.enter()
                     (total_loss / cfg.grad_accum).backward()
                     loss_sum += loss.item()
                 loss_sum = distributed.mean(loss_sum, dist)
                 grad_norm = None
-                if cfg.grad_clip > 0 and any(p.grad is not None for p in params):
-                    grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip), dist)
+                if bad is None and any(p.grad is not None for p in params):
+                    # = clip_grad_norm_, split so that a non-finite norm is seen before it spreads to every grad
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                    grad_norm = distributed.scalar(norm, dist)
+                if bad is None and not math.isfinite(loss_sum):
+                    bad = "loss"
+                if bad is None and grad_norm is not None and not math.isfinite(grad_norm):
+                    bad = "grad_norm"
+                if bad is None and grad_norm is not None and cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
+                if bad is not None:
+                    if layerwise and committed is None:
+                        raise NonFiniteError(f"step {step}: non-finite {bad} after a layer-wise update")
+                    skip = _nonfinite(cfg, model, step, bad, loss_sum, grad_norm)
+                    optimizer.zero_grad(set_to_none=True)
                 lr = optimizer.param_groups[0]["lr"]
-                updating = True  # from here on the step is half applied until it completes
-                optimizer.step()
-                distributed.reshard_state(optimizer, dist)
+                if committed is not None:
+                    committed = None  # from here on the step is half applied until it completes
+                    guard.enter()
+                if bad is None:
+                    optimizer.step()
+                    distributed.reshard_state(optimizer, dist)
+                else:
+                    skipped.append(step)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 method.after_step(step, model, optimizer)
-                updating = False
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - t0
                 train_time += dt
                 tokens_done += tokens_per_step
-                row = {"step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr, "tokens_per_s": tokens_per_step / dt}
+                row = {"step": step, "loss": loss_sum / cfg.grad_accum if bad is None else None, "lr": lr,
+                       "tokens_per_s": tokens_per_step / dt}
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
                 if aux is not None:
                     row["aux_loss"] = aux.item()
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == last:
-                    eval_loss = evaluate(model, eval_data, device, cfg.dtype)
-                    row.update(eval_loss=eval_loss, eval_ppl=math.exp(eval_loss))
-                history.append(row)
-                out.record(row)
-                if on_step:
-                    on_step(row)
-                show(step, f"loss {row['loss']:.3f}  {tokens_done / train_time:,.0f} tok/s")
-                if cfg.quiet and (step % 10 == 0 or step == last):
-                    log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, cfg.steps, row["loss"], lr,
-                             row["tokens_per_s"])
+                if bad is not None:
+                    row["skipped"] = skip
+                committed, rng, pending = step, ckpt.rng_state(), row
+                guard.exit()  # a Ctrl-C during the update is raised here, with the state consistent at `step`
+                finish(row)
+                rng = None  # from here a checkpoint of `step` holds the RNG state of the moment it is written
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != last:
                     save(step)
-        except KeyboardInterrupt:
-            if not updating:  # interrupted in forward/backward: the weights are those of the last finished step
-                save(step - 1)
+            save(committed)
+        except (KeyboardInterrupt, NonFiniteError) as e:
+            guard.depth, guard.pending = 0, False
+            kept = ""
+            if committed is not None and (committed > saved or pending is not None):
+                try:  # the state after the last completed step, consistent whatever was interrupted
+                    save(committed, rng, pending)
+                except NonFiniteError as bad_weights:
+                    kept = f"; {bad_weights}"
             out.close()
+            if isinstance(e, NonFiniteError):
+                where = ("" if not writes else f"; the checkpoint of step {saved} is kept" if saved else
+                         "; no checkpoint was written")
+                raise NonFiniteError(f"{e}{kept}{where}") from None
             raise
-    save(step)
-
+        finally:
+            out.close()
+    step = committed
     metrics = {
         "method": method.name, "preset": cfg.preset, "steps": step,
-        "initial_eval_loss": initial_eval, "final_eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss),
+        "initial_eval_loss": initial_eval, "final_eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss),
         "final_train_loss": history[-1]["loss"] if history else None,
         "tokens": tokens_done, "tokens_per_s": tokens_done / train_time if train_time else None,
         "peak_mem_bytes": peak.peak, "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_delta",
@@ -381,10 +730,14 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         "trainable_params": trainable, "total_params": total,
         "config": _describe(cfg, method),
     }
+    if skipped:
+        metrics["skipped_steps"] = skipped
+    if history and eval_loss >= initial_eval:
+        log.warning("the eval loss did not go down (%.4f -> %.4f): check --lr (%g; too high flattens the loss at "
+                    "ln(vocab)) and --warmup-steps", initial_eval, eval_loss, cfg.lr)
     if dist is not None:
         metrics.update(world_size=dist.world, parallel=dist.mode)
     out.write_json("metrics.json", metrics)
-    out.close()
     if out.dir:
         from .export import save_run_adapter
 
@@ -394,6 +747,22 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
 
         loss_curve(out.dir / "metrics.jsonl", out.dir / "loss_curve.png", title=f"{method.name} on {cfg.preset}")
     return RunResult(metrics, model, optimizer, method, history)
+
+
+def _nonfinite(cfg: TrainConfig, model: nn.Module, step: int, what: str, loss: float,
+               grad_norm: float | None) -> str:
+    """Stop (raise ``NonFiniteError``), or say what is skipped, on a non-finite loss / gradient norm."""
+    tensor = _nonfinite_grad(model)
+    detail = (f"step {step}: non-finite {what} (loss {loss}, grad norm {grad_norm}); "
+              + (f"first non-finite gradient: {tensor}" if tensor else "every gradient is finite"))
+    weights = first_nonfinite(model.named_parameters())
+    if weights is not None:
+        raise NonFiniteError(f"{detail}; the weights are already non-finite ({weights}), so skipping cannot help")
+    if cfg.on_nonfinite == "stop":
+        raise NonFiniteError(f"{detail}; lower --lr or raise --warmup-steps, or pass --on-nonfinite skip to skip "
+                             "such steps")
+    log.warning("%s; step skipped (--on-nonfinite skip)", detail)
+    return f"non-finite {what}" + (f" ({tensor})" if tensor else "")
 
 
 def _build_model(cfg: TrainConfig, model: nn.Module | None, method: Method, vocab_size: int,
@@ -454,7 +823,7 @@ def evaluate_checkpoint(run_dir: str, data: str | None = None, eval_batches: int
     batches = Batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
     loss = evaluate(run.model, batches, next(run.model.parameters()).device, cfg.dtype)
     return {"method": cfg.method, "data": cfg.data, "step": run.state["step"], "eval_loss": loss,
-            "eval_ppl": math.exp(loss), "seq_len": cfg.seq_len, "tokens": sum(b[:, 1:].numel() for b in batches)}
+            "eval_ppl": perplexity(loss), "seq_len": cfg.seq_len, "tokens": sum(b[:, 1:].numel() for b in batches)}
 
 
 def _describe(cfg: TrainConfig, method: Method) -> dict[str, Any]:

@@ -22,18 +22,4 @@ def test_train_eval_methods_via_cli(tmp_path, capsys):
     assert "full" in names
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--preset", "nope"], "unknown model preset"),
-    (["train", "--steps", "-1"], "steps must be a positive integer"),
-    (["train", "--method", "bogus"], "unknown method 'bogus'"),
-    (["train", "--data", "/no/such/path.txt"], "does not exist"),
-    (["train", "--rank", "4"], "does not take option(s) rank"),
-    (["train", "--opt", "novalue"], "KEY=VALUE"),
-    (["eval", "/no/such/run"], "no checkpoint"),
-])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
-    out = tmp_path / "out"
-    assert main([*argv, "--out", str(out)] if argv[0] == "train" else argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and err.count("\n") == 0
-    assert not out.exists()
+# bad inputs: the one table in tests/core/test_bad_inputs.py

@@ -62,7 +62,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
-    assert checkpoint.load(tmp_path)["step"] == 1
+    assert torch.load(path)["step"] == 1  # (checkpoint.load would refuse this dict: it lacks a run's keys)
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 

@@ -81,10 +81,20 @@ def find_targets(model: nn.Module, target: Target) -> list[str]:
     return found
 
 
+# LoRA-style factors B (m, r) A (r, n): a rank above min(m, n) adds parameters, not expressiveness. (VeRA / NOLA /
+# RandLoRA draw r random frozen bases and may use more of them; the MoE adapters split r over experts.)
+RANK_AT_MOST_MIN_DIM = ("lora", "lora-xs")
+
+
 def build_parameterization(method: str, base: nn.Linear, options: dict[str, Any], path: str) -> Parameterization:
     """``PARAMETERIZATIONS[method]`` for the linear ``base`` at ``path``; ``options["seed"]`` is the global seed."""
     if method not in PARAMETERIZATIONS:
         raise RankwiseError(f"unknown adapter method {method!r}; valid: {', '.join(sorted(PARAMETERIZATIONS))}")
+    r, limit = options.get("r"), min(base.in_features, base.out_features)
+    if method in RANK_AT_MOST_MIN_DIM and isinstance(r, int) and r > limit:
+        raise RankwiseError(f"{method} rank {r} is larger than min(m, n) = {limit} of {path} "
+                            f"({base.out_features}x{base.in_features}): B A then has rank at most {limit} while its "
+                            f"parameters grow with r; use --rank {limit} or less")
     kwargs = {**options, "seed": layer_seed(options.get("seed", 0), path)}
     try:
         param = PARAMETERIZATIONS[method](base, **kwargs)

@@ -118,9 +118,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise RankwiseError(f"no {WEIGHTS_FILE} in {str(path)!r}")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except Exception as e:  # safetensors raises several types for truncated / garbled files
         raise RankwiseError(f"{file} is corrupt or not a safetensors file ({type(e).__name__}: {e})") from None
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise RankwiseError(f"{file}: tensor {key!r} is {t.dtype}, an adapter's tensors are floating point")
+        if not torch.isfinite(t).all():
+            raise RankwiseError(f"{file}: tensor {key!r} holds NaN or inf; the adapter is damaged")
+    return tensors
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], linears: list[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -174,7 +180,11 @@ def load_targets(model: nn.Module, target_modules: Any) -> set[str] | None:
     if target_modules is None:
         return None
     if isinstance(target_modules, str) and target_modules != "all-linear":  # PEFT: a string is a regex
-        return {n for n in _linear_names(model) if re.fullmatch(target_modules, n)}
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise RankwiseError(f"target_modules {target_modules!r} is not a valid regex ({e})") from None
+        return {n for n in _linear_names(model) if pattern.fullmatch(n)}
     if isinstance(target_modules, (list, str)):
         return set(find_targets(model, target_modules))
     raise RankwiseError(f"target_modules must be a list of names or a regex, got {target_modules!r}")

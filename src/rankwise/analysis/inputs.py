@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,17 @@ def load_model(spec: str, data: str | None = None, vocab_size: int = 8192, seed:
     if spec not in PRESETS and not os.path.isdir(spec):
         raise RankwiseError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}), a transformers model "
                             "folder nor a `rankwise train --out` folder")
+    if spec not in PRESETS:
+        from ..models import check_model_folder, has_weights
+        from ..paths import run_files
+
+        if run_files(spec) and not os.path.exists(os.path.join(spec, "config.json")):
+            raise RankwiseError(f"--model {spec!r} is a `rankwise train` folder without {ckpt.CHECKPOINT_FILE}; "
+                                "give a run that saved a checkpoint")
+        check_model_folder(spec)
+        if not has_weights(spec):
+            raise RankwiseError(f"--model {spec!r} holds a config.json but no weights (model.safetensors or "
+                                "pytorch_model.bin); give a trained model, or a preset name for a random init")
     data = data or "stdlib-docs"
     tokenizer = model_tokenizer(spec)
     vocab = (prepare(data, vocab_size).vocab_size if tokenizer is None
@@ -64,5 +74,6 @@ def token_batches(data: str, vocab_size: int, n: int, batch_size: int, seq_len: 
 def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
     """exp of the mean next-token loss over ``batches`` (fp32)."""
     from ..train import evaluate
+    from ..train import perplexity as exp_loss
 
-    return math.exp(evaluate(model, batches, next(model.parameters()).device, "fp32"))
+    return exp_loss(evaluate(model, batches, next(model.parameters()).device, "fp32"))  # inf, not an overflow

@@ -29,10 +29,17 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.inputs import load_model, token_batches
     from ..analysis.report import heatmap, print_table, spectra_plot, write_json
     from ..errors import RankwiseError
+    from ..models import max_positions
+    from ..paths import check_out_dir
 
+    check_out_dir(args.out)
     if args.batches < 0:
         raise RankwiseError(f"--batches must be >= 0, got {args.batches}")
     loaded = load_model(args.model, args.data, args.vocab_size)
+    positions = max_positions(loaded.model)
+    if positions is not None and args.seq_len > positions:
+        raise RankwiseError(f"--seq-len {args.seq_len} is larger than the model's {positions} positions; use "
+                            f"--seq-len {positions} or less")
     batches = (token_batches(loaded.data, loaded.vocab_size, args.batches, args.batch_size, args.seq_len,
                              tokenizer=loaded.tokenizer)
                if args.batches else None)

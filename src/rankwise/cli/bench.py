@@ -73,6 +73,9 @@ def _split_methods(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..paths import check_out_dir
+
+    check_out_dir(args.out)
     if args.suite == "multitask":
         from ..bench.multitask import config_from_args, markdown_table, run_multitask_suite
 

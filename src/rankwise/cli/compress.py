@@ -59,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from ..data import prepare
     from ..errors import RankwiseError
     from ..export import check_new_folder, staged
+    from ..models import max_positions
+    from ..paths import check_out_dir
 
+    check_out_dir(args.out)
     if args.eval_batches < 0:
         raise RankwiseError(f"--eval-batches must be >= 0, got {args.eval_batches}")
     if args.ratio is None and args.quantize is None:
@@ -78,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         check_new_folder(out)
     loaded = load_model(args.model, args.data, args.vocab_size)
+    positions = max_positions(loaded.model)
+    if positions is not None and args.seq_len > positions:
+        raise RankwiseError(f"--seq-len {args.seq_len} is larger than the model's {positions} positions; use "
+                            f"--seq-len {positions} or less")
     original = loaded.model.eval()
     batches = (token_batches(loaded.data, loaded.vocab_size, args.eval_batches, 8, args.seq_len, split="val",
                              tokenizer=loaded.tokenizer)

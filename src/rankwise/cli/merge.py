@@ -10,7 +10,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..atomic import dir_mode
 from ..errors import RankwiseError
+from ..paths import check_out_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.tokenizer import has_tokenizer
     from ..models import PRESETS, build_model, is_run, model_tokenizer
 
+    check_out_dir(args.out)
     config = adapters.read_config(args.adapter)
     base = args.base or config.get("base_model_name_or_path")
     if not base:
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     adapters.merge_and_unload(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(dir_mode())  # mkdtemp's 0700 -> what mkdir gives under the umask
     try:
         model.save_pretrained(tmp)
         if is_run(base) or has_tokenizer(base):  # the base's tokenizer travels with the merged weights

@@ -37,8 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import RankwiseError
+    from ..paths import check_out_file
     from ..plan import bar_chart, compare, compare_table, plan
 
+    check_out_file(args.png, "--png")
     options = {}
     for item in args.opt or []:
         key, sep, value = item.partition("=")

@@ -91,7 +91,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                  "checkpoint.pt (default: a new runs/<method>-<UTC time>)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--stop-at", type=int, help="stop after this step, resumable (for time-sliced jobs)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR bit-exactly (its config is reused)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR bit-exactly (its config is reused; "
+                                                   "settings that change the computation are refused)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (its run "
+                                                            "files are removed first)")
+    p.add_argument("--extend", action="store_true", help="with --resume and a larger --steps: stretch the cosine "
+                   "schedule to the new --steps (the lr jumps up; not a straight run). Default: keep the run's "
+                   "schedule, which stays at its final lr past the original --steps")
+    p.add_argument("--allow-change", action="append", metavar="SETTING",
+                   help="with --resume: let SETTING (e.g. lr, seq_len; comma-separated, repeatable) differ from "
+                        "the run's (the continuation is then not bit-exact)")
+    p.add_argument("--on-nonfinite", choices=["stop", "skip"],
+                   help="a NaN/inf loss or gradient norm: stop (default; keeps the last good checkpoint, exit 3) "
+                        "or skip that step's update and go on")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (DDP/FSDP; default 1)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="with several processes: ddp or fsdp (default ddp)")
     p.add_argument("--quantize", choices=["nf4", "int8"],
@@ -101,15 +113,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import checkpoint
+    from .. import checkpoint, paths
     from ..train import train
 
     if args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     base = None
     if args.resume:
-        base = TrainConfig.from_dict(checkpoint.load(args.resume)["config"])
-        base.stop_at = None
+        base = TrainConfig.of_run(checkpoint.load(args.resume)["config"])
         base.out = args.out or args.resume
     if args.model is not None and args.preset is not None:
         raise RankwiseError("--model and --preset both name the model; pass one (--model: pretrained weights, "
@@ -123,6 +134,13 @@ def run(args: argparse.Namespace) -> int:
             print("rankwise train: warning: no --out given; nothing will be saved", file=sys.stderr)
         else:
             cfg.out = default_out(cfg.method)  # named in the summary line at the end
+    cfg.overwrite, cfg.extend = args.overwrite, args.extend
+    cfg.allow_change = tuple(a.strip().replace("-", "_") for item in args.allow_change or [] for a in item.split(",")
+                             if a.strip())
+    cfg.validate()
+    paths.check_out_dir(cfg.out)
+    if not args.resume:
+        paths.check_new_run(cfg.out, cfg.overwrite)
     if args.nproc < 1:
         raise RankwiseError(f"--nproc must be a positive integer, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
