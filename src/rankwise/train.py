@@ -422,9 +422,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def first_nonfinite(named: Any) -> str | None:
-    """The name of the first floating-point tensor in ``named`` ((name, tensor) pairs) holding a NaN or inf."""
+    """The name of the first floating-point tensor in ``named`` ((name, tensor) pairs) holding a NaN or inf.
+    Quantized tensor subclasses (a frozen NF4 / int8 base: never updated) are not inspected."""
     for name, t in named:
-        if t is not None and t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
+        plain = type(t) in (torch.Tensor, nn.Parameter) or type(t).__name__ == "DTensor"
+        if plain and t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
             return name
     return None
 
