@@ -48,15 +48,14 @@ def seeded(shape: tuple[int, ...], seed: int, std: float, like: torch.Tensor) ->
     return (torch.randn(shape, generator=g) * std).to(device=like.device, dtype=like.dtype)
 
 
-_SHARED: dict[tuple, torch.Tensor] = {}
+_SHARED: dict[tuple, Any] = {}
 
 
-def shared_random(tag: str, shape: tuple[int, ...], seed: int, std: float, like: torch.Tensor) -> torch.Tensor:
-    """A frozen random matrix shared by every layer asking for the same (tag, shape, seed, dtype, device), so that
-    VeRA / RandLoRA bases cost memory once per shape, not once per layer. Regenerated from the seed, never stored."""
-    key = (tag, shape, seed, std, like.dtype, like.device)
+def shared(key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per ``key`` and reused: frozen random bases shared by every layer (and every model)
+    asking for the same key cost memory once. Regenerated from their seed, never stored in checkpoints."""
     if key not in _SHARED:
-        _SHARED[key] = seeded(shape, seed * 7919 + zlib.crc32(f"{tag}{shape}".encode()), std, like)
+        _SHARED[key] = make()
     return _SHARED[key]
 
 
@@ -70,6 +69,8 @@ class Parameterization(nn.Module):
 
     kind: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None
+    # file tensors that may be absent (then rebuilt, e.g. random bases regenerated from their seed)
+    optional_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  seed: int = 0):
@@ -82,6 +83,12 @@ class Parameterization(nn.Module):
         self.r, self.alpha, self.dropout, self.rslora, self.seed = r, float(alpha), float(dropout), rslora, seed
         self.scaling = self.alpha / (math.sqrt(r) if rslora else r)
         self.options: dict[str, Any] = {}  # what ``adapters.apply`` was given (global seed), written to files
+
+    @classmethod
+    def model_options(cls, bases: list[nn.Linear], options: dict[str, Any]) -> dict[str, Any]:
+        """Options that depend on every target layer of the adapter (e.g. the size of bases shared by all of them);
+        ``adapters.apply`` and ``load_adapter`` add them to each layer's options."""
+        return {}
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout and self.training else x
@@ -102,16 +109,24 @@ class Parameterization(nn.Module):
         """Inverse of ``export_state`` (shapes already validated by ``check_state``)."""
         raise NotImplementedError
 
+    def file_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The tensor names and shapes a file must hold for this layer (``optional_keys`` may be absent)."""
+        return {k: tuple(v.shape) for k, v in self.export_state().items()}
+
+    def prepare_base(self, base: nn.Linear) -> None:
+        """Called once when the adapter is attached to ``base`` (residual inits move their initial part out of it)."""
+
     def check_state(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Raise ``RankwiseError`` unless ``tensors`` has exactly the keys and shapes ``export_state`` produces."""
-        expected = {k: tuple(v.shape) for k, v in self.export_state().items()}
+        expected = self.file_shapes()
         got = {k: tuple(v.shape) for k, v in tensors.items()}
-        if set(expected) != set(got):
-            missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        missing = sorted(set(expected) - set(got) - set(self.optional_keys))
+        extra = sorted(set(got) - set(expected))
+        if missing or extra:
             raise RankwiseError(f"adapter file does not fit {where}: missing tensors {missing or 'none'}, "
                                 f"unexpected tensors {extra or 'none'} (was it saved with another method or model?)")
         for k, shape in expected.items():
-            if got[k] != shape:
+            if k in got and got[k] != shape:
                 raise RankwiseError(f"adapter tensor {where}.{k} has shape {list(got[k])} but this model needs "
                                     f"{list(shape)} (different r or base model?)")
 

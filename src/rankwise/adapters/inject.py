@@ -6,7 +6,8 @@
 
 Targets: a list of names (a module matches when its full name equals one or ends with ``"." + name``, PEFT's rule),
 a comma-separated string of names, a regex (``re.fullmatch`` on the full module name), or ``"all-linear"`` (every
-``nn.Linear`` except the output layer).
+``nn.Linear`` except the output layer). ``exclude`` (PEFT's ``exclude_modules``) takes the same forms and removes
+modules from the targets.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def normalize_target(target: Target) -> Target:
     return list(target)
 
 
-def find_targets(model: nn.Module, target: Target) -> list[str]:
-    """Full names of the linear layers ``target`` selects; a clear error listing candidates if none."""
+def find_targets(model: nn.Module, target: Target, exclude: Target | None = None) -> list[str]:
+    """Full names of the linear layers ``target`` selects minus those ``exclude`` selects (model order); a clear
+    error listing candidates if none."""
     target = normalize_target(target)
     names = _linear_names(model)
     if target == "all-linear":
@@ -73,18 +75,27 @@ def find_targets(model: nn.Module, target: Target) -> list[str]:
         found = [n for n in names if n not in outputs]
     else:
         found = [n for n in names if _matches(n, target)]
+    if exclude is not None:
+        exclude = normalize_target(exclude)
+        found = [n for n in found if not _matches(n, exclude)]
     if not found:
         candidates = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise RankwiseError(f"target {target!r} matches no linear layer of {type(model).__name__}; candidate module "
                             f"names: {', '.join(candidates) or 'none (the model has no nn.Linear)'} "
-                            "(or a regex on full names, or 'all-linear')")
+                            "(or a regex on full names, or 'all-linear')" +
+                            (f", once exclude={exclude!r} is applied" if exclude is not None else ""))
     return found
+
+
+def method_class(method: str) -> type[Parameterization]:
+    if method not in PARAMETERIZATIONS:
+        raise RankwiseError(f"unknown adapter method {method!r}; valid: {', '.join(sorted(PARAMETERIZATIONS))}")
+    return PARAMETERIZATIONS[method]
 
 
 def build_parameterization(method: str, base: nn.Linear, options: dict[str, Any], path: str) -> Parameterization:
     """``PARAMETERIZATIONS[method]`` for the linear ``base`` at ``path``; ``options["seed"]`` is the global seed."""
-    if method not in PARAMETERIZATIONS:
-        raise RankwiseError(f"unknown adapter method {method!r}; valid: {', '.join(sorted(PARAMETERIZATIONS))}")
+    method_class(method)
     kwargs = {**options, "seed": layer_seed(options.get("seed", 0), path)}
     try:
         param = PARAMETERIZATIONS[method](base, **kwargs)
@@ -103,14 +114,15 @@ def attach(model: nn.Module, name: str, modules: dict[str, Parameterization]) ->
             layer = AdapterLinear(layer)
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         layer.adapters[name] = param
+        param.prepare_base(layer.base_layer)
     set_adapter(model, name)
 
 
 def apply(model: nn.Module, method: str = "lora", r: int = 8, alpha: float = 16.0,
           target: Target = ("q_proj", "v_proj"), dropout: float = 0.0, adapter_name: str = "default",
-          seed: int = 0, **options: Any) -> nn.Module:
-    """Wrap the target linears of ``model`` in place with adapter ``adapter_name`` of ``method``, freeze everything
-    else, make the new adapter the active and only trainable one; return ``model``.
+          seed: int = 0, exclude: Target | None = None, **options: Any) -> nn.Module:
+    """Wrap the target linears of ``model`` (minus ``exclude``) in place with adapter ``adapter_name`` of ``method``,
+    freeze everything else, make the new adapter the active and only trainable one; return ``model``.
 
     ``options`` go to the parameterization (e.g. ``rslora=True``, ``init="gaussian"``, ``num_bases=64``).
     Each layer's random tensors come from ``layer_seed(seed, name)`` (or the shared seed), so they can be rebuilt.
@@ -121,15 +133,21 @@ def apply(model: nn.Module, method: str = "lora", r: int = 8, alpha: float = 16.
     if adapter_name in existing:
         raise RankwiseError(f"the model already has an adapter named {adapter_name!r}; pick another adapter_name "
                             f"(existing: {', '.join(sorted(existing))}) or delete_adapter it first")
-    paths = find_targets(model, target)
+    paths = find_targets(model, target, exclude)
+    bases = {p: base_linear(model, p) for p in paths}
+    options = dict(r=r, alpha=alpha, dropout=dropout, seed=seed, **options)
+    options.update(method_class(method).model_options(list(bases.values()), options))
     modules = {}
-    for path in paths:
-        layer = model.get_submodule(path)
-        base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
-        modules[path] = build_parameterization(method, base, dict(r=r, alpha=alpha, dropout=dropout, seed=seed,
-                                                                  **options), path)
+    for path, base in bases.items():
+        modules[path] = build_parameterization(method, base, options, path)
+        modules[path].exclude = None if exclude is None else normalize_target(exclude)
     attach(model, adapter_name, modules)
     return model
+
+
+def base_linear(model: nn.Module, path: str) -> nn.Linear:
+    layer = model.get_submodule(path)
+    return layer.base_layer if isinstance(layer, AdapterLinear) else layer
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
