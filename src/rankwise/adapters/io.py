@@ -52,8 +52,9 @@ def adapter_config(adapters: dict[str, Parameterization], base_model_name_or_pat
     first = next(iter(adapters.values()))
     targets = sorted(adapters)
     exclude = getattr(first, "exclude", None)
-    common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path, "target_modules": targets,
-              "exclude_modules": sorted(exclude) if isinstance(exclude, list) else exclude}
+    common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path, "target_modules": targets}
+    if first.peft_type in (None, "LORA"):  # PEFT's VeraConfig / RandLoraConfig have no exclude_modules field
+        common["exclude_modules"] = sorted(exclude) if isinstance(exclude, list) else exclude
     if first.peft_type:
         return {"peft_type": first.peft_type, **common, "bias": "none", "fan_in_fan_out": False,
                 "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, **first.peft_fields()}

@@ -1,0 +1,134 @@
+"""LoRA files both ways against peft 0.21.2 (the reference: peft/tuners/lora/{layer,model,config}.py), on the tiny
+LLaMA with square and rectangular targets: logits equal to PEFT's within 1e-5, residual inits (PiSSA, PiSSA with
+power iterations, OLoRA) loaded the way PEFT loads them, exclude_modules read and written, unsupported keys named,
+and the init distributions equal to PEFT's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft_helpers import (LOAD_SEED, LOGIT_TOL, TARGET, logits, max_diff, peft_loaded, peft_saved, perturb,
+                          rankwise_loaded)
+from ref_model import tiny_llama
+from torch import nn
+
+from rankwise import adapters
+from rankwise.errors import RankwiseError
+
+pytest.importorskip("peft")
+
+RESIDUAL = ["pissa", "pissa_niter_2", "olora"]
+
+
+def lora_config(init, **kw):
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGET, init_lora_weights=init, **kw)
+
+
+@pytest.mark.parametrize("init, rslora", [(True, False), ("gaussian", False), (False, True)] +
+                         [(i, False) for i in RESIDUAL] + [("pissa", True)])
+def test_peft_file_loads_with_peft_logits(tmp_path, init, rslora):
+    trained = peft_saved(lora_config(init, use_rslora=rslora), tmp_path)
+    expected = peft_loaded(tmp_path)
+    assert max_diff(expected, trained) == 0.0  # PEFT reproduces its own model (same global seed)
+    model, ours = rankwise_loaded(tmp_path)
+    assert max_diff(ours, expected) <= LOGIT_TOL
+    assert max_diff(expected, logits(tiny_llama(0))) > 1e-2  # the adapter does something
+    if init in RESIDUAL:  # the file's factors alone (the old behaviour) are far off: the base must be residual
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": True}))
+        assert max_diff(rankwise_loaded(tmp_path)[1], expected) > 1e-2
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian"] + RESIDUAL)
+def test_rankwise_file_loads_in_peft_with_same_logits(tmp_path, init):
+    model = tiny_llama(0)
+    adapters.apply(model, "lora", r=4, alpha=8, target=TARGET, init=init, seed=3)
+    if init in RESIDUAL:  # the residual base keeps the function at init
+        assert max_diff(logits(model), logits(tiny_llama(0))) < 1e-5
+    perturb(model)
+    ours = logits(model)
+    adapters.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == (8 if init in RESIDUAL else 4)
+    assert max_diff(peft_loaded(tmp_path), ours) <= LOGIT_TOL
+    assert max_diff(rankwise_loaded(tmp_path)[1], ours) <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("init", RESIDUAL)
+def test_peft_residual_file_round_trips_through_rankwise(tmp_path, init):
+    peft_saved(lora_config(init), tmp_path / "peft")
+    expected = peft_loaded(tmp_path / "peft")
+    model, _ = rankwise_loaded(tmp_path / "peft")
+    adapters.save_adapter(model, tmp_path / "ours")  # rank-2r LoRA relative to the original base
+    assert max_diff(peft_loaded(tmp_path / "ours"), expected) <= LOGIT_TOL
+
+
+def _adapted(peft_model) -> set[str]:
+    return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+
+
+@pytest.mark.parametrize("exclude", [["0.mlp.up_proj", "k_proj"], r".*layers\.1\.self_attn\..*"])
+def test_exclude_modules_both_ways(tmp_path, exclude):
+    from peft import PeftModel, get_peft_model
+
+    trained = peft_saved(lora_config(True, exclude_modules=exclude), tmp_path / "peft")
+    model, ours = rankwise_loaded(tmp_path / "peft")
+    assert max_diff(ours, trained) <= LOGIT_TOL
+    peft_targets = _adapted(get_peft_model(tiny_llama(0), lora_config(True, exclude_modules=exclude)))
+    assert set(adapters.adapter_layers(model)) == peft_targets and len(peft_targets) < 8
+
+    model = tiny_llama(0)
+    adapters.apply(model, "lora", r=4, alpha=8, target=TARGET, exclude=exclude)
+    assert set(adapters.adapter_layers(model)) == peft_targets
+    perturb(model)
+    adapters.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["exclude_modules"] == (sorted(exclude) if isinstance(exclude, list) else exclude)
+    loaded = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "ours"))
+    assert _adapted(loaded) == peft_targets
+    assert max_diff(logits(loaded.eval()), logits(model)) <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("field, kw", [("trainable_token_indices", dict(trainable_token_indices=[1, 2, 3])),
+                                       ("layer_replication", dict(layer_replication=[[0, 2], [1, 2]]))])
+def test_unsupported_peft_keys_are_named(tmp_path, field, kw):
+    peft_saved(lora_config(True, **kw), tmp_path)
+    model = tiny_llama(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RankwiseError, match=f"sets {field}=.*rankwise does not support"):
+        adapters.load_adapter(model, tmp_path)
+    assert not adapters.adapter_layers(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_init_distributions_match_peft():
+    """PEFT's inits (reset_lora_parameters): A ~ kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(in)), or N(0, 1/r^2) for
+    "gaussian"; B = 0. Compared on a 2048-wide layer (32768 draws: std estimated to ~0.4%)."""
+    from peft import LoraConfig, get_peft_model
+
+    r, width = 16, 2048
+
+    def a_of(init, ours):
+        model = nn.Sequential()
+        model.add_module("proj", nn.Linear(width, 256))
+        if ours:
+            adapters.apply(model, "lora", r=r, target=["proj"], init=init)
+            lora = model.proj.adapters["default"]
+            return lora.lora_A.detach(), lora.lora_B.detach()
+        torch.manual_seed(LOAD_SEED)
+        peft = get_peft_model(model, LoraConfig(r=r, target_modules=["proj"], init_lora_weights=init))
+        layer = peft.base_model.model.proj
+        return layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+
+    for init, peft_init, std in (("gaussian", "gaussian", 1 / r), ("default", True, 1 / (3 * width) ** 0.5)):
+        (a, b), (pa, pb) = a_of(init, True), a_of(peft_init, False)
+        assert a.shape == pa.shape and torch.equal(b, pb) and not b.any()
+        assert abs(a.std().item() / std - 1) < 0.02 and abs(pa.std().item() / std - 1) < 0.02
+        assert abs(a.mean().item()) < 0.05 * std and abs(pa.mean().item()) < 0.05 * std
+        if init == "default":
+            bound = 1 / width ** 0.5
+            assert a.abs().max() <= bound and pa.abs().max() <= bound and a.abs().max() > 0.99 * bound
