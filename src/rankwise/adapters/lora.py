@@ -37,7 +37,8 @@ _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "ran
                 "target_parameters": None, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
                 "kasa_config": None, "velora_config": None, "monteclora_config": None}
 # init_lora_weights values whose base change rankwise cannot reproduce from the file and the base alone
-_UNSUPPORTED_INITS = {"corda": "CorDA (needs the calibration covariances)", "loftq": "LoftQ (quantizes the base)"}
+_UNSUPPORTED_INITS = {"corda": "CorDA (needs the calibration covariances)", "loftq": "LoftQ (quantizes the base)",
+                      "lora_ga": "PEFT's LoRA-GA (needs the calibration gradients)"}
 
 
 def refuse_unsupported(config: dict[str, Any], fields: dict[str, Any]) -> None:
