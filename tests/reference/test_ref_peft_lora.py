@@ -132,3 +132,36 @@ def test_init_distributions_match_peft():
         if init == "default":
             bound = 1 / width ** 0.5
             assert a.abs().max() <= bound and pa.abs().max() <= bound and a.abs().max() > 0.99 * bound
+
+
+PATTERNS = dict(rank_pattern={"k_proj": 2, "layers.1.mlp.up_proj": 6}, alpha_pattern={"down_proj": 3.0})
+
+
+@pytest.mark.parametrize("init", [True, "pissa"])
+def test_rank_and_alpha_patterns_both_ways(tmp_path, init):
+    from peft import PeftModel
+
+    trained = peft_saved(lora_config(init, **PATTERNS), tmp_path / "peft")
+    model, ours = rankwise_loaded(tmp_path / "peft")
+    assert max_diff(ours, peft_loaded(tmp_path / "peft")) <= LOGIT_TOL and max_diff(ours, trained) <= LOGIT_TOL
+    ranks = {p: (a.r, a.alpha) for p, a in ((p, layer.adapters["default"])
+                                           for p, layer in adapters.adapter_layers(model).items())}
+    assert ranks["model.layers.0.self_attn.k_proj"] == (2, 8.0) and ranks["model.layers.1.mlp.up_proj"] == (6, 8.0)
+    assert ranks["model.layers.0.mlp.up_proj"] == (4, 8.0) and ranks["model.layers.1.mlp.down_proj"] == (4, 3.0)
+
+    model = tiny_llama(0)
+    adapters.apply(model, "lora", r=4, alpha=8, target=TARGET, init={True: "default"}.get(init, init), **PATTERNS)
+    perturb(model)
+    adapters.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    scale = 2 if init == "pissa" else 1  # residual inits are written with rank 2r, alpha 2 alpha
+    assert config["r"] == 4 * scale and config["rank_pattern"]["model.layers.1.mlp.up_proj"] == 6 * scale
+    assert config["alpha_pattern"]["model.layers.0.mlp.down_proj"] == 3.0 * scale
+    loaded = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "ours")).eval()
+    assert max_diff(logits(loaded), logits(model)) <= LOGIT_TOL
+    assert max_diff(rankwise_loaded(tmp_path / "ours")[1], logits(model)) <= LOGIT_TOL
+
+
+def test_pattern_naming_no_module_is_refused():
+    with pytest.raises(RankwiseError, match="rank_pattern key 'o_proj' matches none of the 8 target modules"):
+        adapters.apply(tiny_llama(0), "lora", r=4, target=TARGET, rank_pattern={"o_proj": 2})

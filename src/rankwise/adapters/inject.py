@@ -93,10 +93,34 @@ def method_class(method: str) -> type[Parameterization]:
     return PARAMETERIZATIONS[method]
 
 
+def pattern_value(patterns: dict[str, Any], path: str) -> Any | None:
+    r"""PEFT's per-module override rule (peft/utils/other.py ``get_pattern_key``): the value of the first key ``k``
+    with ``re.match(rf"(.*\.)?({k})$", path)``, else None."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", path)), None)
+
+
+def check_patterns(options: dict[str, Any], paths: list[str]) -> None:
+    """Every ``rank_pattern`` / ``alpha_pattern`` key must select at least one target."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = options.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise RankwiseError(f"{field} must map module names (or regexes) to values, got {patterns!r}")
+        for k in patterns:
+            if not any(pattern_value({k: 1}, p) is not None for p in paths):
+                raise RankwiseError(f"{field} key {k!r} matches none of the {len(paths)} target modules "
+                                    f"(e.g. {paths[0]}); use a module name, a suffix such as 'k_proj', or a regex")
+
+
 def build_parameterization(method: str, base: nn.Linear, options: dict[str, Any], path: str) -> Parameterization:
-    """``PARAMETERIZATIONS[method]`` for the linear ``base`` at ``path``; ``options["seed"]`` is the global seed."""
+    """``PARAMETERIZATIONS[method]`` for the linear ``base`` at ``path``; ``options["seed"]`` is the global seed;
+    ``options["rank_pattern"]`` / ``["alpha_pattern"]`` (PEFT's) override ``r`` / ``alpha`` per module."""
     method_class(method)
-    kwargs = {**options, "seed": layer_seed(options.get("seed", 0), path)}
+    kwargs = {k: v for k, v in options.items() if k not in ("rank_pattern", "alpha_pattern")}
+    for field, key in (("rank_pattern", "r"), ("alpha_pattern", "alpha")):
+        value = pattern_value(options.get(field) or {}, path)
+        if value is not None:
+            kwargs[key] = value
+    kwargs["seed"] = layer_seed(options.get("seed", 0), path)
     try:
         param = PARAMETERIZATIONS[method](base, **kwargs)
     except TypeError as e:
@@ -136,6 +160,7 @@ def apply(model: nn.Module, method: str = "lora", r: int = 8, alpha: float = 16.
     paths = find_targets(model, target, exclude)
     bases = {p: base_linear(model, p) for p in paths}
     options = dict(r=r, alpha=alpha, dropout=dropout, seed=seed, **options)
+    check_patterns(options, paths)
     options.update(method_class(method).model_options(list(bases.values()), options))
     modules = {}
     for path, base in bases.items():

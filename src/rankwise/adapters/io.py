@@ -57,7 +57,8 @@ def adapter_config(adapters: dict[str, Parameterization], base_model_name_or_pat
         common["exclude_modules"] = sorted(exclude) if isinstance(exclude, list) else exclude
     if first.peft_type:
         return {"peft_type": first.peft_type, **common, "bias": "none", "fan_in_fan_out": False,
-                "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, **first.peft_fields()}
+                "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
+                **type(first).peft_fields(adapters)}
     return {"peft_type": "RANKWISE", "rankwise_method": first.kind, "rankwise_options": first.options, **common}
 
 

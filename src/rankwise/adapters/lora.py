@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from typing import Any
 
 import torch
@@ -31,8 +32,7 @@ from .base import Parameterization, parameterization
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 # LoraConfig fields (PEFT 0.21) rankwise does not implement, with the value that means "off"
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
-                "modules_to_save": None, "layers_to_transform": None, "use_qalora": False, "lora_bias": False,
+_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None, "use_qalora": False, "lora_bias": False,
                 "trainable_token_indices": None, "layer_replication": None, "megatron_config": None,
                 "target_parameters": None, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
                 "kasa_config": None, "velora_config": None, "monteclora_config": None}
@@ -148,10 +148,17 @@ class LoRA(Parameterization):
             return self.r, self.alpha
         return 2 * self.r, self.alpha * (math.sqrt(2) if self.rslora else 2)
 
-    def peft_fields(self) -> dict[str, Any]:
-        r, alpha = self.file_rank_alpha()
-        return {"r": r, "lora_alpha": alpha, "lora_dropout": self.dropout, "use_rslora": self.rslora,
-                "init_lora_weights": True, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
+    @classmethod
+    def peft_fields(cls, adapters: dict[str, "LoRA"]) -> dict[str, Any]:
+        """``r`` / ``lora_alpha``: the most common per-layer values; other layers go to ``rank_pattern`` /
+        ``alpha_pattern`` under their full module names."""
+        ranks = {p: a.file_rank_alpha() for p, a in adapters.items()}
+        r, alpha = (Counter(v[i] for v in ranks.values()).most_common(1)[0][0] for i in (0, 1))
+        first = next(iter(adapters.values()))
+        return {"r": r, "lora_alpha": alpha, "lora_dropout": first.dropout, "use_rslora": first.rslora,
+                "init_lora_weights": True, "use_dora": False,
+                "rank_pattern": {p: v[0] for p, v in ranks.items() if v[0] != r},
+                "alpha_pattern": {p: v[1] for p, v in ranks.items() if v[1] != alpha}}
 
     @classmethod
     def options_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +181,11 @@ class LoRA(Parameterization):
         try:
             options = {"r": int(config["r"]), "alpha": float(config["lora_alpha"]),
                        "dropout": float(config.get("lora_dropout", 0.0)),
-                       "rslora": bool(config.get("use_rslora", False))}
-        except (KeyError, TypeError, ValueError) as e:
-            raise RankwiseError(f"adapter config lacks a valid {e} (r and lora_alpha are required)") from None
+                       "rslora": bool(config.get("use_rslora", False)),
+                       "rank_pattern": {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+                       "alpha_pattern": {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RankwiseError(f"adapter config lacks a valid {e} (r and lora_alpha are required; rank_pattern / "
+                                "alpha_pattern map module names to numbers)") from None
+        options = {k: v for k, v in options.items() if v != {}}
         return {**options, "init": residual} if residual else options

@@ -124,10 +124,12 @@ class RandLoRA(Parameterization):
             if k in tensors:
                 setattr(self, k, tensors[k].to(device=self.randlora_lambda.device, dtype=self.randlora_lambda.dtype))
 
-    def peft_fields(self) -> dict[str, Any]:
-        return {"r": self.r, "randlora_alpha": self.alpha, "randlora_dropout": self.dropout,
-                "projection_prng_key": self.shared_seed, "save_projection": True, "sparse": self.sparse,
-                "very_sparse": self.very_sparse, "init_weights": True}
+    @classmethod
+    def peft_fields(cls, adapters: dict[str, Parameterization]) -> dict[str, Any]:
+        a = next(iter(adapters.values()))
+        return {"r": a.r, "randlora_alpha": a.alpha, "randlora_dropout": a.dropout,
+                "projection_prng_key": a.shared_seed, "save_projection": True, "sparse": a.sparse,
+                "very_sparse": a.very_sparse, "init_weights": True}
 
     @classmethod
     def options_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:

@@ -91,9 +91,11 @@ class VeRA(Parameterization):
             if k in tensors:
                 setattr(self, k, tensors[k].to(device=self.vera_lambda_b.device, dtype=self.vera_lambda_b.dtype))
 
-    def peft_fields(self) -> dict[str, Any]:
-        return {"r": self.r, "projection_prng_key": self.shared_seed, "save_projection": True,
-                "vera_dropout": self.dropout, "d_initial": self.d_init, "init_weights": True}
+    @classmethod
+    def peft_fields(cls, adapters: dict[str, Parameterization]) -> dict[str, Any]:
+        a = next(iter(adapters.values()))
+        return {"r": a.r, "projection_prng_key": a.shared_seed, "save_projection": True,
+                "vera_dropout": a.dropout, "d_initial": a.d_init, "init_weights": True}
 
     @classmethod
     def options_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
