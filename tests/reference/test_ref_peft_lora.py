@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-from peft_helpers import (LOAD_SEED, LOGIT_TOL, TARGET, logits, max_diff, peft_loaded, peft_saved, perturb,
-                          rankwise_loaded)
+from peft_helpers import (LOAD_SEED, LOGIT_TOL, TARGET, biased_llama, logits, max_diff, peft_loaded, peft_saved,
+                          perturb, rankwise_loaded)
 from ref_model import tiny_llama
 from torch import nn
 
@@ -165,3 +165,26 @@ def test_rank_and_alpha_patterns_both_ways(tmp_path, init):
 def test_pattern_naming_no_module_is_refused():
     with pytest.raises(RankwiseError, match="rank_pattern key 'o_proj' matches none of the 8 target modules"):
         adapters.apply(tiny_llama(0), "lora", r=4, target=TARGET, rank_pattern={"o_proj": 2})
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_both_ways(tmp_path, bias):
+    from peft import get_peft_model
+
+    trained = peft_saved(lora_config(True, bias=bias), tmp_path / "peft", make=biased_llama)
+    model, ours = rankwise_loaded(tmp_path / "peft", make=biased_llama)
+    assert max_diff(ours, trained) <= LOGIT_TOL
+    assert max_diff(ours, peft_loaded(tmp_path / "peft", biased_llama)) <= LOGIT_TOL
+    peft_trainable = {n.removeprefix("base_model.model.") for n, p in
+                      get_peft_model(biased_llama(), lora_config(True, bias=bias)).named_parameters()
+                      if p.requires_grad and n.endswith("bias")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")} == peft_trainable
+
+    model = biased_llama()
+    adapters.apply(model, "lora", r=4, alpha=8, target=TARGET, bias=bias)
+    assert {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")} == peft_trainable
+    perturb(model)
+    adapters.save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == bias
+    assert max_diff(peft_loaded(tmp_path / "ours", biased_llama), logits(model)) <= LOGIT_TOL
+    assert max_diff(rankwise_loaded(tmp_path / "ours", biased_llama)[1], logits(model)) <= LOGIT_TOL

@@ -22,6 +22,7 @@ from ..errors import RankwiseError
 from .base import PARAMETERIZATIONS, AdapterLinear, Parameterization, layer_seed
 
 Target = str | Sequence[str]
+BIAS_MODES = ("none", "all", "lora_only")
 _NAME_LIST = re.compile(r"[\w.]+(\s*,\s*[\w.]+)*")
 
 
@@ -144,12 +145,14 @@ def attach(model: nn.Module, name: str, modules: dict[str, Parameterization]) ->
 
 def apply(model: nn.Module, method: str = "lora", r: int = 8, alpha: float = 16.0,
           target: Target = ("q_proj", "v_proj"), dropout: float = 0.0, adapter_name: str = "default",
-          seed: int = 0, exclude: Target | None = None, **options: Any) -> nn.Module:
+          seed: int = 0, exclude: Target | None = None, bias: str = "none", **options: Any) -> nn.Module:
     """Wrap the target linears of ``model`` (minus ``exclude``) in place with adapter ``adapter_name`` of ``method``,
     freeze everything else, make the new adapter the active and only trainable one; return ``model``.
 
     ``options`` go to the parameterization (e.g. ``rslora=True``, ``init="gaussian"``, ``num_bases=64``).
     Each layer's random tensors come from ``layer_seed(seed, name)`` (or the shared seed), so they can be rebuilt.
+    ``bias`` (PEFT's, LoRA only): ``"all"`` also trains every bias of the model in place, ``"lora_only"`` the biases
+    of the adapted layers; they are saved with the adapter (and, as in PEFT, not undone by disabling it).
     """
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise RankwiseError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
@@ -157,6 +160,10 @@ def apply(model: nn.Module, method: str = "lora", r: int = 8, alpha: float = 16.
     if adapter_name in existing:
         raise RankwiseError(f"the model already has an adapter named {adapter_name!r}; pick another adapter_name "
                             f"(existing: {', '.join(sorted(existing))}) or delete_adapter it first")
+    if bias not in BIAS_MODES:
+        raise RankwiseError(f"bias must be one of {', '.join(BIAS_MODES)}, got {bias!r}")
+    if bias != "none" and method_class(method).peft_type != "LORA":
+        raise RankwiseError(f"bias={bias!r} (trained biases) is supported for LoRA adapters only, not {method!r}")
     paths = find_targets(model, target, exclude)
     bases = {p: base_linear(model, p) for p in paths}
     options = dict(r=r, alpha=alpha, dropout=dropout, seed=seed, **options)
@@ -166,6 +173,7 @@ def apply(model: nn.Module, method: str = "lora", r: int = 8, alpha: float = 16.
     for path, base in bases.items():
         modules[path] = build_parameterization(method, base, options, path)
         modules[path].exclude = None if exclude is None else normalize_target(exclude)
+        modules[path].train_bias = bias
     attach(model, adapter_name, modules)
     return model
 
@@ -191,6 +199,26 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         for n in layer.active:
             for p in layer.adapters[n].parameters():
                 p.requires_grad_(True)
+    for p in trained_biases(model, names).values():
+        p.requires_grad_(True)
+
+
+def trained_biases(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
+    """Biases the adapters ``names`` train (PEFT's ``bias``): every ``*.bias`` of the model outside adapters for
+    ``"all"``, the adapted layers' ``base_layer.bias`` for ``"lora_only"``; keyed by parameter name."""
+    layers = adapter_layers(model)
+    modes = {getattr(layer.adapters[n], "train_bias", "none") for layer in layers.values() for n in names
+             if n in layer.adapters}
+    found = {}
+    if "all" in modes:
+        found.update({k: p for k, p in model.named_parameters()
+                      if (k == "bias" or k.endswith(".bias")) and ".adapters." not in k})
+    if "lora_only" in modes:
+        found.update({f"{path}.base_layer.bias": layer.base_layer.bias for path, layer in layers.items()
+                      if layer.base_layer.bias is not None and any(
+                          getattr(layer.adapters[n], "train_bias", "none") == "lora_only"
+                          for n in names if n in layer.adapters)})
+    return found
 
 
 def active_parameterizations(model: nn.Module) -> dict[str, Parameterization]:

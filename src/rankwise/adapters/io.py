@@ -27,7 +27,8 @@ from torch import nn
 from ..atomic import write_atomic
 from ..errors import RankwiseError
 from .base import PARAMETERIZATIONS, AdapterLinear, Parameterization
-from .inject import _linear_names, adapter_layers, attach, base_linear, build_parameterization, find_targets, method_class
+from .inject import (_linear_names, adapter_layers, attach, base_linear, build_parameterization, find_targets,
+                     method_class, trained_biases)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -83,6 +84,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                     t = v.detach().to("cpu").contiguous()
                     tensors[key] = t.clone() if t.data_ptr() in seen else t
                     seen.add(tensors[key].data_ptr())
+    for name, p in trained_biases(model, [adapter_name]).items():  # PEFT's bias="all" / "lora_only" keys
+        tensors[f"{PREFIX}{name}"] = p.detach().to("cpu").contiguous()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -181,6 +184,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if adapter_name in existing:
         raise RankwiseError(f"the model already has an adapter named {adapter_name!r}; pass another adapter_name")
     tensors = _read_tensors(path)
+    bias = config.get("bias", "none") if config.get("peft_type") == "LORA" else "none"
+    biases = _bias_targets(model, {k: tensors.pop(k) for k in list(tensors) if k.endswith(".bias")}, bias)
     grouped, model_level = _group_by_module(tensors, _linear_names(model))
     exclude = _exclude(config.get("exclude_modules"))
     listed = load_targets(model, config.get("target_modules"), exclude)
@@ -210,9 +215,33 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         param.import_state(grouped[p])
         param.train(model.training)
         param.exclude = exclude
+        param.train_bias = bias
         modules[p] = param
+    with torch.no_grad():
+        for target, value in biases:
+            target.copy_(value)
     attach(model, adapter_name, modules)
     return model
+
+
+def _bias_targets(model: nn.Module, tensors: dict[str, torch.Tensor], bias: str
+                  ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(model bias, file tensor) pairs for PEFT's trained biases (``base_model.model.<module>[.base_layer].bias``)."""
+    if tensors and bias == "none":
+        raise RankwiseError(f"adapter file holds bias tensors (e.g. {sorted(tensors)[0]!r}) but its config says "
+                            "bias='none' (truncated or mismatched file)")
+    params = dict(model.named_parameters())
+    pairs = []
+    for key, value in sorted(tensors.items()):
+        name = key.removeprefix(PREFIX)
+        stem = name.removesuffix(".base_layer.bias").removesuffix(".bias")
+        target = params.get(f"{stem}.bias", params.get(f"{stem}.base_layer.bias"))
+        if target is None or target.shape != value.shape:
+            raise RankwiseError(f"adapter tensor {key!r} (bias={bias!r}) is no bias of this model"
+                                + ("" if target is None else f" (shape {list(value.shape)}, the model's is "
+                                   f"{list(target.shape)})"))
+        pairs.append((target, value))
+    return pairs
 
 
 def _exclude(exclude_modules: Any) -> list[str] | str | None:

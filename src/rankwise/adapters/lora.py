@@ -32,7 +32,7 @@ from .base import Parameterization, parameterization
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 # LoraConfig fields (PEFT 0.21) rankwise does not implement, with the value that means "off"
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None, "use_qalora": False, "lora_bias": False,
+_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None, "use_qalora": False, "lora_bias": False,
                 "trainable_token_indices": None, "layer_replication": None, "megatron_config": None,
                 "target_parameters": None, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
                 "kasa_config": None, "velora_config": None, "monteclora_config": None}
@@ -156,13 +156,16 @@ class LoRA(Parameterization):
         r, alpha = (Counter(v[i] for v in ranks.values()).most_common(1)[0][0] for i in (0, 1))
         first = next(iter(adapters.values()))
         return {"r": r, "lora_alpha": alpha, "lora_dropout": first.dropout, "use_rslora": first.rslora,
-                "init_lora_weights": True, "use_dora": False,
+                "init_lora_weights": True, "use_dora": False, "bias": getattr(first, "train_bias", "none"),
                 "rank_pattern": {p: v[0] for p, v in ranks.items() if v[0] != r},
                 "alpha_pattern": {p: v[1] for p, v in ranks.items() if v[1] != alpha}}
 
     @classmethod
     def options_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
         refuse_unsupported(config, _UNSUPPORTED)
+        if config.get("bias", "none") not in ("none", "all", "lora_only"):
+            raise RankwiseError(f"this PEFT LORA adapter sets bias={config['bias']!r}; rankwise supports bias "
+                                "none / all / lora_only")
         init = config.get("init_lora_weights", True)
         if isinstance(init, str):
             for prefix, what in _UNSUPPORTED_INITS.items():
