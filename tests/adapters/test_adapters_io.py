@@ -121,7 +121,10 @@ BAD_FILES = {
     "wrong method": (lambda p: _edit_config(p, lambda c: c.update(peft_type="IA3")), "peft_type 'IA3' is not supported"),
     "unknown own method": (lambda p: _edit_config(p, lambda c: c.update(
         peft_type="RANKWISE", rankwise_method="dora", rankwise_options={"r": 4})), "unknown adapter method 'dora'"),
-    "dora": (lambda p: _edit_config(p, lambda c: c.update(use_dora=True)), "use_dora=True"),
+    "dora without magnitude": (lambda p: _edit_config(p, lambda c: c.update(use_dora=True)),
+                               r"missing tensors \['lora_magnitude_vector'\]"),
+    "unsupported key": (lambda p: _edit_config(p, lambda c: c.update(trainable_token_indices=[1])),
+                        r"trainable_token_indices=\[1\], which rankwise does not support"),
     "bad json": (lambda p: (p / "adapter_config.json").write_text("{"), "not valid JSON"),
     "no config": (lambda p: (p / "adapter_config.json").unlink(), "no adapter_config.json"),
 }

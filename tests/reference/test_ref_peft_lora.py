@@ -188,3 +188,60 @@ def test_trained_biases_both_ways(tmp_path, bias):
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == bias
     assert max_diff(peft_loaded(tmp_path / "ours", biased_llama), logits(model)) <= LOGIT_TOL
     assert max_diff(rankwise_loaded(tmp_path / "ours", biased_llama)[1], logits(model)) <= LOGIT_TOL
+
+
+def test_modules_to_save_both_ways(tmp_path):
+    """PEFT's ModulesToSaveWrapper (peft/utils/other.py): full trained copies, matched by name suffix ("norm" also
+    takes input_layernorm / post_attention_layernorm), saved under the module's own keys."""
+    from peft import PeftModel, get_peft_model
+
+    saved = ["lm_head", "norm"]
+    trained = peft_saved(lora_config(True, modules_to_save=saved), tmp_path / "peft")
+    model, ours = rankwise_loaded(tmp_path / "peft")
+    assert max_diff(ours, trained) <= LOGIT_TOL
+    with adapters.disable_adapters(model):  # the original modules come back
+        assert max_diff(logits(model), logits(tiny_llama(0))) == 0.0
+    peft_copies = {n.removeprefix("base_model.model.").replace(".modules_to_save.default", "") for n, p in
+                   get_peft_model(tiny_llama(0), lora_config(True, modules_to_save=saved)).named_parameters()
+                   if p.requires_grad and "lora_" not in n}
+
+    model = tiny_llama(0)
+    adapters.apply(model, "lora", r=4, alpha=8, target=TARGET, modules_to_save=saved)
+    ours_copies = {n.replace(".copies.default", "") for n, p in model.named_parameters()
+                   if p.requires_grad and ".adapters." not in n}
+    assert ours_copies == peft_copies and len(peft_copies) == 6
+    perturb(model)
+    expected = logits(model)
+    adapters.save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"] == saved
+    loaded = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "ours")).eval()
+    assert max_diff(logits(loaded), expected) <= LOGIT_TOL
+    assert max_diff(logits(adapters.merge_and_unload(model)), expected) <= LOGIT_TOL
+    with pytest.raises(RankwiseError, match="modules_to_save entry 'score' matches no module"):
+        adapters.apply(tiny_llama(0), "lora", target=TARGET, modules_to_save=["score"])
+
+
+@pytest.mark.parametrize("init, make", [(True, tiny_llama), ("pissa", tiny_llama), (True, biased_llama)])
+def test_dora_both_ways(tmp_path, init, make):
+    """PEFT's DoRA (peft/tuners/lora/dora.py DoraLinearLayer): out + (g - 1) W x + g s B A x with
+    g = m / ||W + s B A|| (norm detached), m = lora_magnitude_vector."""
+    from peft import PeftModel
+
+    trained = peft_saved(lora_config(init, use_dora=True), tmp_path / "peft", make=make)
+    model, ours = rankwise_loaded(tmp_path / "peft", make=make)
+    assert max_diff(ours, trained) <= LOGIT_TOL and max_diff(trained, logits(make())) > 1e-3
+
+    model = make()
+    adapters.apply(model, "lora", r=4, alpha=8, target=TARGET, dora=True, init={True: "default"}.get(init, init))
+    assert max_diff(logits(model), logits(make())) < 1e-5  # m = ||W||: the function is unchanged at init
+    perturb(model)
+    expected = logits(model)
+    adapters.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    loaded = PeftModel.from_pretrained(make(), str(tmp_path / "ours")).eval()
+    assert max_diff(logits(loaded), expected) <= LOGIT_TOL
+    adapters.merge(model)
+    assert max_diff(logits(model), expected) <= LOGIT_TOL
+    adapters.unmerge(model)
+    assert max_diff(logits(model), expected) <= LOGIT_TOL

@@ -69,8 +69,12 @@ class Parameterization(nn.Module):
 
     kind: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None
+    uses_base: bool = False  # forward / delta_weight take the base layer (DoRA normalizes W + Delta W)
     # file tensors that may be absent (then rebuilt, e.g. random bases regenerated from their seed)
     optional_keys: ClassVar[tuple[str, ...]] = ()
+    # tensors shared by every layer: written once as base_model.<key> (model_keys) and / or per layer (shared_keys)
+    model_keys: ClassVar[tuple[str, ...]] = ()
+    shared_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  seed: int = 0):
@@ -83,6 +87,10 @@ class Parameterization(nn.Module):
         self.r, self.alpha, self.dropout, self.rslora, self.seed = r, float(alpha), float(dropout), rslora, seed
         self.scaling = self.alpha / (math.sqrt(r) if rslora else r)
         self.options: dict[str, Any] = {}  # what ``adapters.apply`` was given (global seed), written to files
+        # adapter-wide settings written to PEFT files (set by ``adapters.apply`` / ``load_adapter``)
+        self.exclude: Any = None  # exclude_modules
+        self.train_bias = "none"  # bias: none / all / lora_only
+        self.modules_to_save: list[str] | None = None
 
     @classmethod
     def model_options(cls, bases: list[nn.Linear], options: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +153,7 @@ class AdapterLinear(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self._merged_deltas: dict[str, torch.Tensor] = {}
 
     @property
     def in_features(self) -> int:
@@ -168,8 +177,13 @@ class AdapterLinear(nn.Module):
             return out
         for name in self.active:
             if name not in self.merged:
-                out = self.adapters[name](x, out)
+                a = self.adapters[name]
+                out = a(x, out, self.base_layer) if a.uses_base else a(x, out)
         return out
+
+    def _delta(self, name: str) -> torch.Tensor:
+        a = self.adapters[name]
+        return a.delta_weight(self.base_layer) if a.uses_base else a.delta_weight()
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -177,7 +191,10 @@ class AdapterLinear(nn.Module):
         if name in self.merged:
             return
         w = self.base_layer.weight
-        w.copy_((w.float() + self.adapters[name].delta_weight().float()).to(w.dtype))
+        delta = self._delta(name).float()
+        if self.adapters[name].uses_base:  # it depends on W: keep it for an exact unmerge
+            self._merged_deltas[name] = delta
+        w.copy_((w.float() + delta).to(w.dtype))
         self.merged.append(name)
 
     @torch.no_grad()
@@ -185,7 +202,8 @@ class AdapterLinear(nn.Module):
         if name not in self.merged:
             return
         w = self.base_layer.weight
-        w.copy_((w.float() - self.adapters[name].delta_weight().float()).to(w.dtype))
+        delta = self._merged_deltas.pop(name) if name in self._merged_deltas else self._delta(name).float()
+        w.copy_((w.float() - delta).to(w.dtype))
         self.merged.remove(name)
 
     def extra_repr(self) -> str:

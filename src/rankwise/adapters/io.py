@@ -10,6 +10,10 @@ loaded as PEFT loads them: the init is re-run on the fresh base). Methods PEFT l
 the same layout; random bases are rebuilt from the stored seed. PEFT config fields rankwise does not implement are
 refused with a message naming the field.
 
+LoRA's PEFT options are read and written: ``rank_pattern`` / ``alpha_pattern``, ``exclude_modules``, ``bias``
+(trained biases, keys ``<module>[.base_layer].bias``), ``modules_to_save`` (full copies, keys ``<module>.<param>``)
+and ``use_dora`` (``lora_magnitude_vector``).
+
 ``load_adapter`` validates everything (config, file integrity, module names, tensor names and shapes) on adapters
 built off the model, and only then attaches them: a bad file raises ``RankwiseError`` and leaves the model untouched.
 """
@@ -28,7 +32,7 @@ from ..atomic import write_atomic
 from ..errors import RankwiseError
 from .base import PARAMETERIZATIONS, AdapterLinear, Parameterization
 from .inject import (_linear_names, adapter_layers, attach, base_linear, build_parameterization, find_targets,
-                     method_class, trained_biases)
+                     find_modules_to_save, method_class, module_copies, copy_of, trained_biases)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,7 +56,7 @@ def _peft_classes() -> dict[str, type[Parameterization]]:
 def adapter_config(adapters: dict[str, Parameterization], base_model_name_or_path: str | None) -> dict[str, Any]:
     first = next(iter(adapters.values()))
     targets = sorted(adapters)
-    exclude = getattr(first, "exclude", None)
+    exclude = first.exclude
     common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path, "target_modules": targets}
     if first.peft_type in (None, "LORA"):  # PEFT's VeraConfig / RandLoraConfig have no exclude_modules field
         common["exclude_modules"] = sorted(exclude) if isinstance(exclude, list) else exclude
@@ -73,7 +77,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if merged:
         raise RankwiseError(f"adapter {adapter_name!r} is merged into {merged[0]} (and others); unmerge before saving")
     cls = type(next(iter(adapters.values())))
-    model_keys, shared_keys = getattr(cls, "model_keys", ()), getattr(cls, "shared_keys", ())
+    model_keys, shared_keys = cls.model_keys, cls.shared_keys
     tensors, seen = {}, set()
     for p, a in adapters.items():
         for k, v in a.export_state().items():
@@ -86,6 +90,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                     seen.add(tensors[key].data_ptr())
     for name, p in trained_biases(model, [adapter_name]).items():  # PEFT's bias="all" / "lora_only" keys
         tensors[f"{PREFIX}{name}"] = p.detach().to("cpu").contiguous()
+    for module, wrapper in module_copies(model).items():  # modules_to_save: the copy's own keys under its path
+        if adapter_name in wrapper.copies:
+            for k, v in wrapper.copies[adapter_name].state_dict().items():
+                tensors[f"{PREFIX}{module}.{k}"] = v.detach().to("cpu").contiguous()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -184,6 +192,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if adapter_name in existing:
         raise RankwiseError(f"the model already has an adapter named {adapter_name!r}; pass another adapter_name")
     tensors = _read_tensors(path)
+    saved = config.get("modules_to_save") if config.get("peft_type") == "LORA" else None
+    copies = _module_copies(model, saved, tensors) if saved else {}
     bias = config.get("bias", "none") if config.get("peft_type") == "LORA" else "none"
     biases = _bias_targets(model, {k: tensors.pop(k) for k in list(tensors) if k.endswith(".bias")}, bias)
     grouped, model_level = _group_by_module(tensors, _linear_names(model))
@@ -197,7 +207,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                             f"{sorted(set(grouped) - listed)[:3]}")
     if not grouped:
         raise RankwiseError(f"adapter file {path / WEIGHTS_FILE} holds no tensors for any layer")
-    unexpected = sorted(set(model_level) - set(getattr(cls, "model_keys", ())))
+    unexpected = sorted(set(model_level) - set(cls.model_keys))
     if unexpected:
         raise RankwiseError(f"adapter file has model-level tensors {unexpected} that a {method} adapter does not use")
     for tensors_of in grouped.values():  # a layer's own copy of a shared tensor wins (PEFT's RandLoRA has both)
@@ -206,7 +216,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     paths = [p for p in _linear_names(model) if p in grouped]  # model order (PEFT's: inits that draw randomness)
     bases = {p: base_linear(model, p) for p in paths}
     options = {**options, **cls.model_options(list(bases.values()), options)}
-    _share(grouped, tuple(getattr(cls, "shared_keys", ())) + tuple(getattr(cls, "model_keys", ())),
+    _share(grouped, cls.shared_keys + cls.model_keys,
            next(iter(bases.values())).weight)
     modules = {}
     for p, base in bases.items():
@@ -216,12 +226,30 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         param.train(model.training)
         param.exclude = exclude
         param.train_bias = bias
+        param.modules_to_save = saved
         modules[p] = param
     with torch.no_grad():
         for target, value in biases:
             target.copy_(value)
-    attach(model, adapter_name, modules)
+    attach(model, adapter_name, modules, copies)
     return model
+
+
+def _module_copies(model: nn.Module, names: Any, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """PEFT's ``modules_to_save``: for each matching module, a copy holding the file's tensors (popped from
+    ``tensors``; keys ``base_model.model.<module>.<its state_dict key>``)."""
+    copies = {}
+    for path in find_modules_to_save(model, names):
+        prefix = f"{PREFIX}{path}."
+        state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        copy = copy_of(model.get_submodule(path))
+        try:
+            copy.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise RankwiseError(f"modules_to_save tensors of {path} do not fit the model's module "
+                                f"({' '.join(str(e).split())[:300]})") from None
+        copies[path] = copy
+    return copies
 
 
 def _bias_targets(model: nn.Module, tensors: dict[str, torch.Tensor], bias: str

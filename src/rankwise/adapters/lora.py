@@ -32,7 +32,7 @@ from .base import Parameterization, parameterization
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 # LoraConfig fields (PEFT 0.21) rankwise does not implement, with the value that means "off"
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None, "use_qalora": False, "lora_bias": False,
+_UNSUPPORTED = {"fan_in_fan_out": False, "layers_to_transform": None, "use_qalora": False, "lora_bias": False,
                 "trainable_token_indices": None, "layer_replication": None, "megatron_config": None,
                 "target_parameters": None, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
                 "kasa_config": None, "velora_config": None, "monteclora_config": None}
@@ -74,7 +74,7 @@ class LoRA(Parameterization):
     peft_type = "LORA"
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 seed: int = 0, init: str = "default"):
+                 seed: int = 0, init: str = "default", dora: bool = False):
         super().__init__(base, r, alpha, dropout, rslora, seed)
         if init not in ("default", "gaussian", "pissa", "olora") and not _NITER.fullmatch(str(init)):
             raise RankwiseError(f"unknown LoRA init {init!r}; valid: {', '.join(LORA_INITS)} (K = power iterations)"
@@ -91,6 +91,10 @@ class LoRA(Parameterization):
         self.register_buffer("init_A", None)
         self.register_buffer("init_B", None)
         self._residual_pending = False
+        self.dora = self.uses_base = bool(dora)
+        if self.dora:  # DoRA's magnitude m = ||W + s B A|| per output row (B = 0 or B0 A0 with W the original)
+            with torch.no_grad():
+                self.lora_magnitude_vector = nn.Parameter(torch.linalg.norm(w.float(), dim=1).to(w.dtype))
         if init in ("default", "gaussian"):
             return
         if r > min(self.in_features, self.out_features):
@@ -118,29 +122,52 @@ class LoRA(Parameterization):
             self.lora_B.copy_(b0)
         self.init_A, self.init_B = a0.detach().clone(), b0.detach().clone()
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B @ self.lora_A)
+    def dora_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA (Liu et al. 2024): ``m / ||W + s B A||`` per output row, the norm detached (the paper's sec. 4.3)."""
+        lora_w = (self.lora_B @ self.lora_A).detach()
+        return self.lora_magnitude_vector / torch.linalg.norm(weight + self.scaling * lora_w, dim=1).detach()
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def delta_weight(self, base: nn.Linear | None = None) -> torch.Tensor:
+        if not self.dora:
+            return self.scaling * (self.lora_B @ self.lora_A)
+        if base is None:
+            raise RankwiseError("a DoRA update depends on the base weight: pass the base layer (or use merge)")
+        w = base.weight
+        return self.dora_scale(w)[:, None] * (w + self.scaling * (self.lora_B @ self.lora_A)) - w
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Linear | None = None) -> torch.Tensor:
+        if self.dora:  # PEFT's DoraLinearLayer: out + (g - 1) W x + g s B A x, g = m / ||W + s B A||
+            scale = self.dora_scale(base.weight.to(x.dtype))
+            x = self.drop(x)
+            if self.dropout and self.training:
+                base_out = F.linear(x, base.weight)
+            else:
+                base_out = out if base.bias is None else out - base.bias
+            lora_out = F.linear(F.linear(x, self.lora_A), self.lora_B)
+            return out + ((scale - 1) * base_out + scale * lora_out * self.scaling)
         h = F.linear(self.drop(x), self.lora_A)
         # out + s h B^T in one GEMM: no scaled copy, no separate add
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(),
                            alpha=self.scaling).view(out.shape)
 
     def export_state(self) -> dict[str, torch.Tensor]:
+        magnitude = {"lora_magnitude_vector": self.lora_magnitude_vector.detach()} if self.dora else {}
         if self.init_A is None:
-            return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
+            return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach(), **magnitude}
         return {"lora_A.weight": torch.cat([self.lora_A.detach(), -self.init_A]),
-                "lora_B.weight": torch.cat([self.lora_B.detach(), self.init_B], dim=1)}
+                "lora_B.weight": torch.cat([self.lora_B.detach(), self.init_B], dim=1), **magnitude}
 
     def file_shapes(self) -> dict[str, tuple[int, ...]]:
         """A file holds the trained factors (a residual-init file saved as-is: the init is re-run on load)."""
-        return {"lora_A.weight": tuple(self.lora_A.shape), "lora_B.weight": tuple(self.lora_B.shape)}
+        magnitude = {"lora_magnitude_vector": (self.out_features,)} if self.dora else {}
+        return {"lora_A.weight": tuple(self.lora_A.shape), "lora_B.weight": tuple(self.lora_B.shape), **magnitude}
 
     def import_state(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             self.lora_A.copy_(tensors["lora_A.weight"])
             self.lora_B.copy_(tensors["lora_B.weight"])
+            if self.dora:
+                self.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
 
     def file_rank_alpha(self) -> tuple[int, float]:
         """(r, lora_alpha) of the saved file: rank doubles for residual inits, alpha keeps the scaling."""
@@ -156,7 +183,8 @@ class LoRA(Parameterization):
         r, alpha = (Counter(v[i] for v in ranks.values()).most_common(1)[0][0] for i in (0, 1))
         first = next(iter(adapters.values()))
         return {"r": r, "lora_alpha": alpha, "lora_dropout": first.dropout, "use_rslora": first.rslora,
-                "init_lora_weights": True, "use_dora": False, "bias": getattr(first, "train_bias", "none"),
+                "init_lora_weights": True, "use_dora": first.dora, "bias": first.train_bias,
+                "modules_to_save": first.modules_to_save,
                 "rank_pattern": {p: v[0] for p, v in ranks.items() if v[0] != r},
                 "alpha_pattern": {p: v[1] for p, v in ranks.items() if v[1] != alpha}}
 
@@ -191,4 +219,6 @@ class LoRA(Parameterization):
             raise RankwiseError(f"adapter config lacks a valid {e} (r and lora_alpha are required; rank_pattern / "
                                 "alpha_pattern map module names to numbers)") from None
         options = {k: v for k, v in options.items() if v != {}}
+        if config.get("use_dora"):
+            options["dora"] = True
         return {**options, "init": residual} if residual else options

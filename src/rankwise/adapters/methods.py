@@ -91,6 +91,12 @@ def _rslora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, 
     return AdapterMethod("lora", rslora=True, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
 
 
+@register("dora", "adapters", "DoRA: LoRA with a trained magnitude per output, m (W + s B A) / ||W + s B A|| (PEFT's)")
+def _dora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+          dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+    return AdapterMethod("lora", dora=True, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
 @register("pissa", "adapters", "PiSSA: LoRA initialised with the top-r singular part, residual base")
 def _pissa(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
            dropout: float = 0.0, seed: int = 0, lr_scale: float = 0.25) -> Method:
