@@ -245,3 +245,22 @@ def test_dora_both_ways(tmp_path, init, make):
     assert max_diff(logits(model), expected) <= LOGIT_TOL
     adapters.unmerge(model)
     assert max_diff(logits(model), expected) <= LOGIT_TOL
+
+
+def test_dora_gradients_equal_peft(tmp_path):
+    """Same trained DoRA adapter on both sides: equal loss gradients of A, B and m (the norm detached in both)."""
+    from peft import PeftModel
+    from ref_model import loss_of
+
+    peft_saved(lora_config(True, use_dora=True), tmp_path)
+    ours, _ = rankwise_loaded(tmp_path)
+    theirs = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path), is_trainable=True)
+    batch = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(3))
+    for m in (ours, theirs):
+        loss_of(m, batch).backward()
+    for path, layer in adapters.adapter_layers(ours).items():
+        mine, ref = layer.adapters["default"], theirs.base_model.model.get_submodule(path)
+        pairs = [(mine.lora_A, ref.lora_A["default"].weight), (mine.lora_B, ref.lora_B["default"].weight),
+                 (mine.lora_magnitude_vector, ref.lora_magnitude_vector["default"].weight)]
+        for a, b in pairs:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), path
