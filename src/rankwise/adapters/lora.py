@@ -13,6 +13,11 @@ Residual inits keep ``B0, A0`` as buffers, so the saved adapter is a plain LoRA 
 *original* base, ``s (B A - B0 A0) = s [B, B0] [A; -A0]``, which PEFT loads unchanged. A PEFT file saved with a
 residual init as-is (``init_lora_weights="pissa"``, ...) loads the way PEFT loads it: the init is re-run on the fresh
 base, then the file's factors replace ``B0, A0``.
+
+DoRA (Liu et al. 2024; PEFT's ``use_dora``, peft/tuners/lora/dora.py), ``dora=True``: a trained magnitude ``m``
+(out), initialised to the row norms of ``W + s B A``, and ``W_eff = (m / ||W + s B A||) (W + s B A)`` per output
+row, with the norm detached from the gradient (the paper's sec. 4.3). Forward:
+``out + (g - 1) W x + g s B A x``, ``g = m / ||W + s B A||`` (the base output, minus its bias, is reused).
 """
 
 from __future__ import annotations
