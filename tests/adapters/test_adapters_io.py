@@ -121,6 +121,8 @@ BAD_FILES = {
     "wrong method": (lambda p: _edit_config(p, lambda c: c.update(peft_type="IA3")), "peft_type 'IA3' is not supported"),
     "unknown own method": (lambda p: _edit_config(p, lambda c: c.update(
         peft_type="RANKWISE", rankwise_method="dora", rankwise_options={"r": 4})), "unknown adapter method 'dora'"),
+    "old own-format vera": (lambda p: _edit_config(p, lambda c: c.update(
+        peft_type="RANKWISE", rankwise_method="vera", rankwise_options={"r": 4})), "by an older rankwise"),
     "dora without magnitude": (lambda p: _edit_config(p, lambda c: c.update(use_dora=True)),
                                r"missing tensors \['lora_magnitude_vector'\]"),
     "unsupported key": (lambda p: _edit_config(p, lambda c: c.update(trainable_token_indices=[1])),
