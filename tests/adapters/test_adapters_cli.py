@@ -12,7 +12,7 @@ from rankwise import adapters, methods
 from rankwise.cli.main import main
 from rankwise.errors import RankwiseError
 
-ADAPTER_METHODS = {"lora", "rslora", "pissa", "lora-ga", "lora-xs", "lora-sb", "nola", "vera", "randlora",
+ADAPTER_METHODS = {"lora", "rslora", "dora", "pissa", "lora-ga", "lora-xs", "lora-sb", "nola", "vera", "randlora",
                    "lora-pro", "lora-pro-lite", "altlora"}
 
 

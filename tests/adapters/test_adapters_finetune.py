@@ -10,7 +10,7 @@ from rankwise.models import count_params
 from rankwise.train import train
 
 # each with its defaults (r=8 q_proj,v_proj; VeRA r=256); lr is the loop's 2e-3 times the method's lr_scale
-VARIANTS = ["lora", "rslora", "pissa", "lora-ga", "lora-xs", "lora-sb", "nola", "vera", "randlora", "lora-pro",
+VARIANTS = ["lora", "rslora", "dora", "pissa", "lora-ga", "lora-xs", "lora-sb", "nola", "vera", "randlora", "lora-pro",
             "lora-pro-lite", "altlora"]
 
 

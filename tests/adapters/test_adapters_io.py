@@ -55,8 +55,9 @@ def test_peft_lora_loads_in_rankwise_with_same_logits(tmp_path, rslora):
     assert len(adapters.adapter_layers(model)) == 4
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "lora"] + ["lora-sb"])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in ("lora", "vera", "randlora")] + ["lora-sb"])
 def test_own_methods_round_trip(tmp_path, kind):
+    """Methods PEFT lacks (VeRA and RandLoRA are PEFT's format now: tests/reference/test_ref_peft_*.py)."""
     model, x = small_model(), tokens()
     if kind == "lora-sb":
         adapters.init_lora_sb(model, [tokens(4, 33)], r=4, target=TARGET, eta=0.5)
@@ -120,7 +121,12 @@ BAD_FILES = {
     "wrong method": (lambda p: _edit_config(p, lambda c: c.update(peft_type="IA3")), "peft_type 'IA3' is not supported"),
     "unknown own method": (lambda p: _edit_config(p, lambda c: c.update(
         peft_type="RANKWISE", rankwise_method="dora", rankwise_options={"r": 4})), "unknown adapter method 'dora'"),
-    "dora": (lambda p: _edit_config(p, lambda c: c.update(use_dora=True)), "use_dora=True"),
+    "old own-format vera": (lambda p: _edit_config(p, lambda c: c.update(
+        peft_type="RANKWISE", rankwise_method="vera", rankwise_options={"r": 4})), "by an older rankwise"),
+    "dora without magnitude": (lambda p: _edit_config(p, lambda c: c.update(use_dora=True)),
+                               r"missing tensors \['lora_magnitude_vector'\]"),
+    "unsupported key": (lambda p: _edit_config(p, lambda c: c.update(trainable_token_indices=[1])),
+                        r"trainable_token_indices=\[1\], which rankwise does not support"),
     "bad json": (lambda p: (p / "adapter_config.json").write_text("{"), "not valid JSON"),
     "no config": (lambda p: (p / "adapter_config.json").unlink(), "no adapter_config.json"),
 }

@@ -48,15 +48,14 @@ def seeded(shape: tuple[int, ...], seed: int, std: float, like: torch.Tensor) ->
     return (torch.randn(shape, generator=g) * std).to(device=like.device, dtype=like.dtype)
 
 
-_SHARED: dict[tuple, torch.Tensor] = {}
+_SHARED: dict[tuple, Any] = {}
 
 
-def shared_random(tag: str, shape: tuple[int, ...], seed: int, std: float, like: torch.Tensor) -> torch.Tensor:
-    """A frozen random matrix shared by every layer asking for the same (tag, shape, seed, dtype, device), so that
-    VeRA / RandLoRA bases cost memory once per shape, not once per layer. Regenerated from the seed, never stored."""
-    key = (tag, shape, seed, std, like.dtype, like.device)
+def shared(key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per ``key`` and reused: frozen random bases shared by every layer (and every model)
+    asking for the same key cost memory once. Regenerated from their seed, never stored in checkpoints."""
     if key not in _SHARED:
-        _SHARED[key] = seeded(shape, seed * 7919 + zlib.crc32(f"{tag}{shape}".encode()), std, like)
+        _SHARED[key] = make()
     return _SHARED[key]
 
 
@@ -70,6 +69,12 @@ class Parameterization(nn.Module):
 
     kind: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None
+    uses_base: bool = False  # forward / delta_weight take the base layer (DoRA normalizes W + Delta W)
+    # file tensors that may be absent (then rebuilt, e.g. random bases regenerated from their seed)
+    optional_keys: ClassVar[tuple[str, ...]] = ()
+    # tensors shared by every layer: written once as base_model.<key> (model_keys) and / or per layer (shared_keys)
+    model_keys: ClassVar[tuple[str, ...]] = ()
+    shared_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  seed: int = 0):
@@ -82,6 +87,16 @@ class Parameterization(nn.Module):
         self.r, self.alpha, self.dropout, self.rslora, self.seed = r, float(alpha), float(dropout), rslora, seed
         self.scaling = self.alpha / (math.sqrt(r) if rslora else r)
         self.options: dict[str, Any] = {}  # what ``adapters.apply`` was given (global seed), written to files
+        # adapter-wide settings written to PEFT files (set by ``adapters.apply`` / ``load_adapter``)
+        self.exclude: Any = None  # exclude_modules
+        self.train_bias = "none"  # bias: none / all / lora_only
+        self.modules_to_save: list[str] | None = None
+
+    @classmethod
+    def model_options(cls, bases: list[nn.Linear], options: dict[str, Any]) -> dict[str, Any]:
+        """Options that depend on every target layer of the adapter (e.g. the size of bases shared by all of them);
+        ``adapters.apply`` and ``load_adapter`` add them to each layer's options."""
+        return {}
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout and self.training else x
@@ -102,16 +117,24 @@ class Parameterization(nn.Module):
         """Inverse of ``export_state`` (shapes already validated by ``check_state``)."""
         raise NotImplementedError
 
+    def file_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The tensor names and shapes a file must hold for this layer (``optional_keys`` may be absent)."""
+        return {k: tuple(v.shape) for k, v in self.export_state().items()}
+
+    def prepare_base(self, base: nn.Linear) -> None:
+        """Called once when the adapter is attached to ``base`` (residual inits move their initial part out of it)."""
+
     def check_state(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Raise ``RankwiseError`` unless ``tensors`` has exactly the keys and shapes ``export_state`` produces."""
-        expected = {k: tuple(v.shape) for k, v in self.export_state().items()}
+        expected = self.file_shapes()
         got = {k: tuple(v.shape) for k, v in tensors.items()}
-        if set(expected) != set(got):
-            missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        missing = sorted(set(expected) - set(got) - set(self.optional_keys))
+        extra = sorted(set(got) - set(expected))
+        if missing or extra:
             raise RankwiseError(f"adapter file does not fit {where}: missing tensors {missing or 'none'}, "
                                 f"unexpected tensors {extra or 'none'} (was it saved with another method or model?)")
         for k, shape in expected.items():
-            if got[k] != shape:
+            if k in got and got[k] != shape:
                 raise RankwiseError(f"adapter tensor {where}.{k} has shape {list(got[k])} but this model needs "
                                     f"{list(shape)} (different r or base model?)")
 
@@ -130,6 +153,7 @@ class AdapterLinear(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self._merged_deltas: dict[str, torch.Tensor] = {}
 
     @property
     def in_features(self) -> int:
@@ -153,8 +177,13 @@ class AdapterLinear(nn.Module):
             return out
         for name in self.active:
             if name not in self.merged:
-                out = self.adapters[name](x, out)
+                a = self.adapters[name]
+                out = a(x, out, self.base_layer) if a.uses_base else a(x, out)
         return out
+
+    def _delta(self, name: str) -> torch.Tensor:
+        a = self.adapters[name]
+        return a.delta_weight(self.base_layer) if a.uses_base else a.delta_weight()
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -162,7 +191,10 @@ class AdapterLinear(nn.Module):
         if name in self.merged:
             return
         w = self.base_layer.weight
-        w.copy_((w.float() + self.adapters[name].delta_weight().float()).to(w.dtype))
+        delta = self._delta(name).float()
+        if self.adapters[name].uses_base:  # it depends on W: keep it for an exact unmerge
+            self._merged_deltas[name] = delta
+        w.copy_((w.float() + delta).to(w.dtype))
         self.merged.append(name)
 
     @torch.no_grad()
@@ -170,7 +202,8 @@ class AdapterLinear(nn.Module):
         if name not in self.merged:
             return
         w = self.base_layer.weight
-        w.copy_((w.float() - self.adapters[name].delta_weight().float()).to(w.dtype))
+        delta = self._merged_deltas.pop(name) if name in self._merged_deltas else self._delta(name).float()
+        w.copy_((w.float() - delta).to(w.dtype))
         self.merged.remove(name)
 
     def extra_repr(self) -> str:

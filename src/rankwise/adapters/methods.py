@@ -99,6 +99,12 @@ def _rslora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, 
     return AdapterMethod("lora", rslora=True, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
 
 
+@register("dora", "adapters", "DoRA: LoRA with a trained magnitude per output, m (W + s B A) / ||W + s B A|| (PEFT's)")
+def _dora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
+          dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
+    return AdapterMethod("lora", dora=True, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
 @register("pissa", "adapters", "PiSSA: LoRA initialised with the top-r singular part, residual base")
 def _pissa(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
            dropout: float = 0.0, seed: int = 0, lr_scale: float = 0.25) -> Method:
@@ -133,19 +139,25 @@ def _nola(r: int | None = None, rank: int | None = None, alpha: float = 16.0, ta
     return AdapterMethod("nola", num_bases=num_bases, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
 
 
-@register("vera", "adapters", "VeRA: shared frozen random A, B; trainable scaling vectors")
+@register("vera", "adapters", "VeRA: shared frozen random A, B; trainable scaling vectors (PEFT's)")
 def _vera(r: int | None = None, rank: int | None = None, alpha: float = 256.0, target: str = DEFAULT_TARGET,
-          dropout: float = 0.0, seed: int = 0, lr_scale: float = 10.0, d_init: float = 0.1) -> Method:
-    """VeRA's trainable count barely depends on r, so its default rank is high (256) and, with few parameters,
-    so is its learning rate (``lr_scale=10``)."""
-    return AdapterMethod("vera", d_init=d_init, **_common(r, rank, alpha, target, dropout, seed, lr_scale, 256))
+          dropout: float = 0.0, seed: int = 0, lr_scale: float = 10.0, d_init: float = 0.1,
+          shared_seed: int = 0) -> Method:
+    """VeRA's trainable count barely depends on r, so its default rank is high (256, PEFT's) and, with few
+    parameters, so is its learning rate (``lr_scale=10``). ``alpha`` is unused: VeRA has no alpha / r factor.
+    ``shared_seed`` is PEFT's ``projection_prng_key``."""
+    return AdapterMethod("vera", d_init=d_init, shared_seed=shared_seed,
+                         **_common(r, rank, alpha, target, dropout, seed, lr_scale, 256))
 
 
-@register("randlora", "adapters", "RandLoRA: full-rank update from scaled shared random low-rank bases")
-def _randlora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
-              dropout: float = 0.0, seed: int = 0, lr_scale: float = 10.0) -> Method:
-    """Only diagonal scalings are trained, so (like VeRA) the default learning rate is higher (``lr_scale=10``)."""
-    return AdapterMethod("randlora", **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+@register("randlora", "adapters", "RandLoRA: full-rank update from scaled shared random low-rank bases (PEFT's)")
+def _randlora(r: int | None = None, rank: int | None = None, alpha: float = 640.0, target: str = DEFAULT_TARGET,
+              dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, shared_seed: int = 0,
+              sparse: bool = False, very_sparse: bool = False) -> Method:
+    """PEFT's defaults (r = 32). Its large scaling already amplifies the diagonal scalings, so the learning rate
+    is the loop's (``lr_scale=1``). Scaling ``alpha / r`` with PEFT's default ``alpha = 640``; ``sparse`` / ``very_sparse``: ternary bases."""
+    return AdapterMethod("randlora", shared_seed=shared_seed, sparse=sparse, very_sparse=very_sparse,
+                         **_common(r, rank, alpha, target, dropout, seed, lr_scale, 32))
 
 
 @register("lora-pro", "adapters", "LoRA-Pro: Adam on the equivalent full gradient, re-projected onto the factors")
