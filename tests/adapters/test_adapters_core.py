@@ -95,7 +95,7 @@ def test_unmatched_target_lists_candidates():
     (dict(dropout=1.5), "dropout must be in"),
     (dict(method="lora", init="svd"), "unknown LoRA init"),
     (dict(method="lora", bogus=1), "bad option for adapter method 'lora'"),
-    (dict(method="lora-xs", r=65), "exceeds min"),
+    (dict(method="lora-xs", r=65), "larger than min"),
 ])
 def test_bad_options(kwargs, message):
     model = small_model()

@@ -137,7 +137,7 @@ def test_meta_step_failure_asks_for_the_override_hook_and_the_hook_is_used():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["plan", "--model", "gpt-9"], "valid presets: tiny, small"),
+    (["plan", "--model", "gpt-9"], "valid presets: tiny, mini, small"),
     (["plan", "--model", "gpt-9"], "any transformers config"),
     (["plan", "--budget", "lots"], "cannot parse memory budget 'lots'"),
     (["plan", "--budget=0GB"], "memory budget must be positive"),
