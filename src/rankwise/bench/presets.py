@@ -2,8 +2,8 @@
 (seeds, memory budgets, learning-rate grid).
 
 ``tiny`` is the CPU benchmark: the 1.3M-parameter ``mini`` LLaMA (hidden 128, 4 blocks, vocab 2048) for 250 steps x
-16 x 128 tokens, 3 seeds, sized so that the README's main command takes about 15 minutes on 2 idle cores
-(docs/bench.md derives it from measured per-step costs). The ``llama-*`` presets are GaLore's C4 pre-training recipes
+16 x 128 tokens, 3 seeds, sized from per-step costs to take about 15 minutes on 2 idle cores; measured: 22 min
+(docs/bench.md). The ``llama-*`` presets are GaLore's C4 pre-training recipes
 (``scripts/benchmark_c4/llama_*.sh``: total batch 512 sequences of 256 tokens, 10k / 20k / 60k / 100k steps, 10%
 warmup, bf16, GaLore lr 0.01 with scale 0.25 and update gap 200) with the ranks of GaLore's Table 2 (128 / 256 /
 256 / 512); ReLoRA's numbers are from its 60M script (merge every 1000 steps, 100 re-warmup steps), SLTrain's from
@@ -102,7 +102,7 @@ PRESETS: dict[str, BenchPreset] = {
                         methods=_cpu_methods(rank=32, gap=50, warmup=10), eval_every=125, eval_batches=16,
                         vocab_size=2048, seeds=3, budgets=("100%", "80%", "60%"),
                         description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 250 steps x "
-                                    "2048 tokens, rank 32, 3 seeds; ~13 min for 8 methods on 2 idle CPU cores"),
+                                    "2048 tokens, rank 32, 3 seeds; measured 22 min for 8 methods on 2 idle CPU cores"),
     "gpu-60m": BenchPreset(model="llama-60m", steps=400, batch_size=128, seq_len=256, lr=1e-3, warmup_steps=40,
                            methods=_gpu_methods(128, gap=100, merge=200, rewarm=20), eval_every=100,
                            eval_batches=8, data="stdlib-code", vocab_size=8192, seeds=1,
