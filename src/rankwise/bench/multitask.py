@@ -191,7 +191,7 @@ def plot_bars(rows: list[dict[str, Any]], png: Path) -> None:
         ax.set_xticks(x + 0.4 - width / 2, names)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # outside: no bar hidden
     fig.suptitle("multi-task fine-tuning at equal activated rank")
     save_figure(fig, png, dpi=110)
 

@@ -211,8 +211,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], bp, cfg, reference: dic
         {"setup": setup, "versions": env, "reference": reference, "lrs": lr_info, "skipped": bp.skipped,
          "groups": [{k: v for k, v in g.items() if k != "history"} for g in groups], "claims": claims, "runs": rows},
         indent=1, default=str))
-    plot_ppl_vs_memory(groups, out / "ppl_vs_memory.png", reference)
-    plot_loss_curves(groups, out / "loss_curves.png")
+    plot_ppl_vs_memory(groups, out / "ppl_vs_memory.png", reference, setup)
+    plot_loss_curves(groups, out / "loss_curves.png", setup)
     return groups, claims_md
 
 
@@ -222,36 +222,114 @@ _CLAIMS_NOTE = ("d = (1 + margin) ppl_B − ppl_A (positive: A better); spread =
                 "the claim's.")
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, tight: bool = True) -> None:
     from ..plots import save_figure
 
-    save_figure(fig, path)
+    save_figure(fig, path, tight=tight)
 
 
-def plot_ppl_vs_memory(groups: list[dict[str, Any]], path: Path, reference: dict[str, float] | None = None) -> None:
-    """Eval perplexity (mean ± sd over seeds) against weights + gradients + optimizer state; one line per method
-    through its budgets (methods at one budget drawn 0.6% apart); the n-gram reference levels as horizontal lines."""
+# tab10 without its grey (the reference lines are grey), crossed with line styles: (colour, style) pairs stay
+# distinct for 36 methods (9 and 4 are coprime), and methods 10+ differ from 1-9 by line style, not colour alone.
+_PALETTE = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9"]
+_LINESTYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h"]
+
+
+def method_styles(labels: list[str]) -> dict[str, dict[str, str]]:
+    """One (colour, line style, marker) per method label, in order; the same method keeps its style across plots."""
+    return {label: {"color": _PALETTE[i % len(_PALETTE)], "ls": _LINESTYLES[i % len(_LINESTYLES)],
+                    "marker": _MARKERS[i % len(_MARKERS)]} for i, label in enumerate(labels)}
+
+
+def bench_title(groups: list[dict[str, Any]], setup: dict[str, Any] | None) -> str:
+    """``preset · model · steps x tokens/step · rank · seeds`` (and activation checkpointing when the setup has it)."""
+    setup = setup or {}
+    parts = []
+    if setup.get("preset"):
+        parts.append(f"preset {setup['preset']}")
+    if setup.get("model"):
+        parts.append(f"model {setup['model']}")
+    if setup.get("steps") and setup.get("batch_size") and setup.get("seq_len"):
+        per_step = setup["batch_size"] * setup["seq_len"] * setup.get("grad_accum", 1)
+        parts.append(f"{setup['steps']} steps x {per_step:,} tokens")
+    ranks = sorted({g["rank_value"] for g in groups if g.get("rank_value") is not None})
+    if ranks:
+        parts.append(f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks)))
+    seeds = setup.get("seeds") or sorted({s for g in groups for s in g.get("seeds", [])})
+    if isinstance(seeds, int):
+        parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}")
+    elif seeds:
+        parts.append(f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})")
+    if any(setup.get(k) for k in ("checkpointing", "gradient_checkpointing", "activation_checkpointing")):
+        parts.append("activation checkpointing")
+    return " · ".join(parts)
+
+
+def _label_points(ax, points: list[tuple[float, float, str, str]]) -> list:
+    """Annotate each (x, y, text, colour) beside its point, trying offsets until the label's box overlaps no label
+    placed before it (greedy, in display coordinates: call after the figure's final layout)."""
+    renderer = ax.figure.canvas.get_renderer()
+    offsets = [(dx, dy) for dy in (3, -11, 13, -21, 23, -31, 33, -41) for dx in (7, -7)]
+    placed, texts = [], []
+    for x, y, text, color in sorted(points, key=lambda p: p[1]):
+        for dx, dy in offsets:
+            t = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, color=color,
+                            ha="left" if dx > 0 else "right", va="bottom")
+            box = t.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            t.remove()
+        else:
+            t = ax.annotate(text, (x, y), xytext=offsets[0], textcoords="offset points", fontsize=7, color=color)
+            box = t.get_window_extent(renderer)
+        placed.append(box)
+        texts.append(t)
+    return texts
+
+
+def ppl_vs_memory_figure(groups: list[dict[str, Any]], reference: dict[str, float] | None = None,
+                         setup: dict[str, Any] | None = None):
+    """The figure of :func:`plot_ppl_vs_memory`, laid out, not yet saved."""
     from ..plots import plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     by_label: dict[str, list[dict[str, Any]]] = {}
     for g in groups:
         by_label.setdefault(g["label"], []).append(g)
+    styles = method_styles(list(by_label))
+    ends = []
     for i, (label, gs) in enumerate(by_label.items()):
         gs = sorted(gs, key=lambda g: g["train_mem_mb"])
         dodge = 1 + 0.006 * (i - (len(by_label) - 1) / 2)  # methods at equal memory side by side, not on top
-        ax.errorbar([g["train_mem_mb"] * dodge for g in gs], [g["ppl_mean"] for g in gs],
-                    yerr=[g["ppl_sd"] for g in gs], fmt="o-", ms=5, capsize=3, lw=1, label=label)
+        st = styles[label]
+        xs = [g["train_mem_mb"] * dodge for g in gs]
+        ax.errorbar(xs, [g["ppl_mean"] for g in gs], yerr=[g["ppl_sd"] for g in gs], fmt=st["marker"], ls=st["ls"],
+                    color=st["color"], ms=5, capsize=3, lw=1)
+        ends.append((xs[-1], gs[-1]["ppl_mean"], label, st["color"]))
     for name, style in (("unigram", ":"), ("bigram", "--")):
         if reference and name in reference:
             ax.axhline(reference[name], color="gray", ls=style, lw=1, label=f"{name} statistics")
     ax.set_xlabel("weights + gradients + optimizer state (MiB)")
     ax.set_ylabel("validation perplexity (mean ± sd over seeds)")
     ax.set_yscale("log")
-    ax.set_title("perplexity vs training memory (lower-left is better)")
+    ax.margins(x=0.12)
+    caption = bench_title(groups, setup)
+    ax.set_title("perplexity vs training memory (lower-left is better)" + (f"\n{caption}" if caption else ""),
+                 fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    if reference:
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    _label_points(ax, ends)
+    return fig
+
+
+def plot_ppl_vs_memory(groups: list[dict[str, Any]], path: Path, reference: dict[str, float] | None = None,
+                       setup: dict[str, Any] | None = None) -> None:
+    """Eval perplexity (mean ± sd over seeds) against weights + gradients + optimizer state; one line per method
+    through its budgets (methods at one budget drawn 0.6% apart), named beside its last point (labels placed so
+    that none overlaps another); the n-gram reference levels as horizontal lines; the setup in the title."""
+    _save(ppl_vs_memory_figure(groups, reference, setup), path, tight=False)
 
 
 def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
@@ -263,14 +341,12 @@ def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def plot_loss_curves(groups: list[dict[str, Any]], path: Path) -> None:
-    """Training loss (EMA; mean over seeds, band ± sd) and validation loss (mean ± sd) per method; one panel per
-    --match-memory budget, one colour per method across panels."""
+def loss_curves_figure(groups: list[dict[str, Any]], setup: dict[str, Any] | None = None):
+    """The figure of :func:`plot_loss_curves`, not yet saved."""
     from ..plots import plt
 
     budgets = list(dict.fromkeys(g["budget"] for g in groups)) or [None]
-    labels = list(dict.fromkeys(g["label"] for g in groups))
-    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    styles = method_styles(list(dict.fromkeys(g["label"] for g in groups)))
     fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.8), squeeze=False, sharey=True)
     for ax, budget in zip(axes[0], budgets):
         for g in (g for g in groups if g["budget"] == budget and g["history"]):
@@ -279,8 +355,8 @@ def plot_loss_curves(groups: list[dict[str, Any]], path: Path) -> None:
             curves = [_smooth([h["loss"] for h in run]) for run in runs if len(run) == len(steps)]
             mean = [statistics.fmean(c[i] for c in curves) for i in range(len(steps))]
             sd = [_sd([c[i] for c in curves]) for i in range(len(steps))]
-            color = colors[g["label"]]
-            ax.plot(steps, mean, lw=1.2, color=color, label=g["label"])
+            color = styles[g["label"]]["color"]
+            ax.plot(steps, mean, lw=1.2, color=color, ls=styles[g["label"]]["ls"], label=g["label"])
             ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
                             color=color, alpha=0.2, lw=0)
             evals: dict[int, list[float]] = {}
@@ -291,13 +367,21 @@ def plot_loss_curves(groups: list[dict[str, Any]], path: Path) -> None:
             if evals:
                 xs = sorted(evals)
                 ax.errorbar(xs, [statistics.fmean(evals[x]) for x in xs], yerr=[_sd(evals[x]) for x in xs],
-                            fmt="o", color=color, ms=3, capsize=2)
+                            fmt=styles[g["label"]]["marker"], color=color, ms=3, capsize=2)
         ax.set_title("" if budget is None else f"memory budget {budget}", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("loss (nats/token): train EMA ± sd, dots: validation ± sd")
-    _save(fig, path)
+    axes[0][0].set_ylabel("loss (nats/token): train EMA ± sd, markers: validation ± sd")
+    caption = bench_title(groups, setup)
+    fig.suptitle("training and validation loss" + (f"\n{caption}" if caption else ""), fontsize=9)
+    return fig
+
+
+def plot_loss_curves(groups: list[dict[str, Any]], path: Path, setup: dict[str, Any] | None = None) -> None:
+    """Training loss (EMA; mean over seeds, band ± sd) and validation loss (mean ± sd) per method; one panel per
+    --match-memory budget, one (colour, line style) per method across panels; the setup in the title."""
+    _save(loss_curves_figure(groups, setup), path)
 
 
 def plot_lr_sensitivity(tuned: dict[str, Any], path: Path) -> None:
