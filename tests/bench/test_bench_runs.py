@@ -183,7 +183,8 @@ def test_run_lines_carry_the_eta_and_a_loaded_machine_marks_tokens_per_s(tmp_pat
     assert [line.split("]")[0] for line in runs] == ["[1/2", "[2/2"]
     assert all(re.search(r"tokens/s, \d+ s\); elapsed \d+s, ETA \d+s$", line) for line in runs), runs
     assert runs[1].endswith("ETA 0s")
-    assert [(r["load_avg_start"], r["load_avg_end"], r["cpu_count"]) for r in rows] == [(load, load, os.cpu_count())] * 2
+    recorded = [(r["load_avg_start"], r["load_avg_end"], r["cpu_count"]) for r in rows]
+    assert recorded == [(load, load, os.cpu_count())] * 2
     md = (tmp_path / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| 1 | full |")]
     assert len(table) == 1 and table[0].count(" (loaded) |") == (load > os.cpu_count())
