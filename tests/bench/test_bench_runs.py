@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 from rankwise.bench import BenchConfig, run_bench
 from rankwise.bench import presets as bench_presets
 from rankwise.bench import runner
+from rankwise.bench import report as runner_report
 from rankwise.bench.budget import train_memory
 from rankwise.cli.main import main
 from rankwise.data import Batches, prepare
@@ -167,3 +169,33 @@ def test_a_failing_run_is_a_row_and_a_rerun_redoes_it(tmp_path, monkeypatch):
     assert "lowrank seed 0: failed: RuntimeError: simulated crash" in (tmp_path / "results.md").read_text()
     rows = run_bench(cfg, _quiet)  # the rerun keeps full and redoes lowrank
     assert calls == ["full", "lowrank", "lowrank"] and all(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.parametrize("load", [0.0, 1000.0])
+def test_run_lines_carry_the_eta_and_a_loaded_machine_marks_tokens_per_s(tmp_path, monkeypatch, load):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    lines = []
+    rows = run_bench(BenchConfig(preset="micro", methods=["full"], seeds=2, out=str(tmp_path), isolate=False),
+                     lines.append)
+    runs = [line for line in lines if line.startswith("[")]
+    assert [line.split("]")[0] for line in runs] == ["[1/2", "[2/2"]
+    assert all(re.search(r"tokens/s, \d+ s\); elapsed \d+s, ETA \d+s$", line) for line in runs), runs
+    assert runs[1].endswith("ETA 0s")
+    recorded = [(r["load_avg_start"], r["load_avg_end"], r["cpu_count"]) for r in rows]
+    assert recorded == [(load, load, os.cpu_count())] * 2
+    md = (tmp_path / "results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| 1 | full |")]
+    assert len(table) == 1 and table[0].count(" (loaded) |") == (load > os.cpu_count())
+    assert (runner_report.LOADED_NOTE in md) == (load > os.cpu_count())
+
+
+def test_progress_eta_is_the_mean_finished_run_times_the_runs_left_over_the_runs_at_a_time():
+    p = runner.Progress(total=5, done=1, parallel=2, log=_quiet)  # one run resumed, not timed
+    assert p.eta() == "?"
+    assert p.finish(80.0).endswith("ETA 2m")  # 80 s x 3 left / 2 at a time = 120 s
+    assert p.finish(160.0).endswith("ETA 2m")  # 120 s x 2 / 2
+    assert p.finish(0.0).endswith("ETA 1m")  # 80 s x 1 / min(2, 1)
+    assert p.finish(90.0).endswith("ETA 0s") and p.done == p.total
+    assert [runner.duration(s) for s in (0.4, 59, 61, 3599, 3600 + 5 * 60)] == ["0s", "59s", "1m", "1h00m", "1h05m"]

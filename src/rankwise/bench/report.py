@@ -43,6 +43,17 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def loaded(row: dict[str, Any]) -> bool:
+    """Whether the 1-minute load average at the start or end of the run exceeded the core count (its tokens/s was
+    then measured on a busy machine)."""
+    loads = [x for x in (row.get("load_avg_start"), row.get("load_avg_end")) if x is not None]
+    return bool(row.get("cpu_count")) and any(x > row["cpu_count"] for x in loads)
+
+
+LOADED_NOTE = ("tok/s marked (loaded) was measured while the machine's 1-minute load average exceeded its core "
+               "count (at a run's start or end), so it understates the method's speed; rerun on an idle machine.")
+
+
 def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -69,7 +80,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_mem_mb": statistics.fmean(r["peak_mem_bytes"] for r in ok) / MB
             if all(r.get("peak_mem_bytes") is not None for r in ok) else None,
             "peak_mem_kind": first.get("peak_mem_kind"), "trainable_params": first["trainable_params"],
-            "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in ok),
+            "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in ok), "loaded": any(map(loaded, ok)),
             "rank_value": first.get("options", {}).get("rank"), "seeds": [r["seed"] for r in ok],
             "history": [r["history"] for r in ok if r.get("history")],
         })
@@ -98,7 +109,7 @@ COLUMNS = [
     ("w+g+o MiB", lambda g: f"{g['train_mem_mb']:.1f}"),
     ("peak MiB", lambda g: "-" if g["peak_mem_mb"] is None else f"{g['peak_mem_mb']:.0f}"),
     ("trainable", lambda g: f"{g['trainable_params'] / 1e6:.2f}M"),
-    ("tok/s", lambda g: f"{g['tokens_per_s']:,.0f}"),
+    ("tok/s", lambda g: f"{g['tokens_per_s']:,.0f}" + (" (loaded)" if g.get("loaded") else "")),
     ("lr", lambda g: f"{g['lr']:.2e}"),
 ]
 
@@ -185,6 +196,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], bp, cfg, reference: dic
         plan_lines.append("")
     md = [f"# rankwise bench — preset `{cfg.preset}`", "", preset.description, "",
           markdown_table(groups, reference), "",
+          *([LOADED_NOTE, ""] if any(g["loaded"] for g in groups) else []),
           f"Mean ± sd over {len(bp.seeds)} seed(s) (model init and data order both follow the seed). Rank: 1 + the "
           "number of methods clearly better (mean lower by more than the spread sqrt(sd_A² + sd_B²)); `=k` marks a "
           "tie. Reference rows: the perplexity of the training split's unigram (add-one) and bigram (Witten-Bell) "

@@ -361,6 +361,51 @@ def _collect(job: Job, returncode: int) -> dict[str, Any]:
     return _failed(job, lines[-1] if lines else f"exit {returncode}, no output")
 
 
+def duration(seconds: float) -> str:
+    """``45s``, ``12m``, ``1h05m``: a wall time as a progress line shows it."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    m = round(s / 60)
+    return f"{m}m" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
+class Progress:
+    """Runs done / total of a job, its elapsed time and its ETA: the mean wall time of the runs finished here times
+    the runs left, over the runs at a time. ``line()`` is appended to every per-run line (readable in a log file);
+    on a terminal, with ``log=print``, a rich progress bar shows the same."""
+
+    def __init__(self, total: int, done: int, parallel: int, log: Callable[[str], None]) -> None:
+        self.total, self.done, self.parallel = total, done, max(1, parallel)
+        self.start, self.walls = time.perf_counter(), []
+        self.bar = self.task = None
+        if log is print and sys.stdout.isatty() and done < total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+            self.bar = Bar(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           TextColumn("ETA {task.fields[eta]}"))
+            self.task = self.bar.add_task("bench", total=total, completed=done, eta="?")
+            self.bar.start()
+
+    def eta(self) -> str:
+        if not self.walls:
+            return "?"
+        left = self.total - self.done
+        return duration(sum(self.walls) / len(self.walls) * left / min(self.parallel, left)) if left else "0s"
+
+    def finish(self, wall: float) -> str:
+        """Count one finished run; the text for its line, e.g. ``elapsed 3m, ETA 12m``."""
+        self.done += 1
+        self.walls.append(wall)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, eta=self.eta())
+        return f"elapsed {duration(time.perf_counter() - self.start)}, ETA {self.eta()}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def execute(jobs: list[Job], cfg: BenchConfig, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Run every unfinished job (``cfg.jobs`` at a time); return the results in ``jobs`` order."""
     results: dict[int, dict[str, Any]] = {}
@@ -374,16 +419,25 @@ def execute(jobs: list[Job], cfg: BenchConfig, log: Callable[[str], None]) -> li
     if len(todo) < len(jobs):
         log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} runs already finished in {cfg.out}, "
             f"{len(todo)} to run")
+    progress = Progress(len(jobs), len(jobs) - len(todo), 1 if not cfg.isolate else cfg.jobs, log)
+    try:
+        return _execute(jobs, todo, results, cfg, log, progress)
+    finally:
+        progress.close()
 
+
+def _execute(jobs: list[Job], todo: list[int], results: dict[int, dict[str, Any]], cfg: BenchConfig,
+             log: Callable[[str], None], progress: Progress) -> list[dict[str, Any]]:
     def report(i: int, row: dict[str, Any], wall: float) -> None:
         row.setdefault("wall_s", wall)
         results[i] = row
         job = jobs[i]
         head = f"[{len(results)}/{len(jobs)}] {job.group} seed {job.seed}"
+        tail = progress.finish(wall)
         if row["status"] == "ok":
-            log(f"{head}: eval ppl {row['eval_ppl']:.2f} ({row['tokens_per_s']:,.0f} tokens/s, {wall:.0f} s)")
+            log(f"{head}: eval ppl {row['eval_ppl']:.2f} ({row['tokens_per_s']:,.0f} tokens/s, {wall:.0f} s); {tail}")
         else:
-            log(f"{head}: {row['status']} (log: {job.run_dir / 'log.txt'})")
+            log(f"{head}: {row['status']} (log: {job.run_dir / 'log.txt'}); {tail}")
 
     if not cfg.isolate:
         for i in todo:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,12 +28,20 @@ def memory_breakdown(model: torch.nn.Module, optimizer_state_bytes: int) -> dict
             "train_mem_bytes": weights + grads + optimizer_state_bytes}
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (``os.getloadavg``), or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train ``job["config"]`` (a ``TrainConfig`` as a dict); write and return the result record."""
     from ..train import TrainConfig, train
 
     cfg = TrainConfig.from_dict(job["config"])
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), load_average()
     res = train(cfg)
     m = res.metrics
     # a method may have just dropped its factors' state (lowrank-rr, at a refactorization step): report the
@@ -50,6 +59,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "peak_mem_bytes": m["peak_mem_bytes"], "peak_mem_kind": m["peak_mem_kind"],
         **memory_breakdown(res.model, optimizer_state), "final_optimizer_state_bytes": m["optimizer_state_bytes"],
         "wall_s": time.perf_counter() - start, "status": "ok",
+        "load_avg_start": load_start, "load_avg_end": load_average(), "cpu_count": os.cpu_count(),
         "history": res.history, "config": m["config"],
     }
     out = Path(job["run_dir"])
