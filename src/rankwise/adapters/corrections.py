@@ -137,6 +137,20 @@ class _FactorOptimizer(torch.optim.Optimizer):
                                 "outside the optimizer's parameters; pass all of lora_A and lora_B")
         self.loras = loras
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """One update of every LoRA layer (``_step_layer``), in the order of ``loras``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for m in self.loras:
+            self._step_layer(m)
+        return loss
+
+    def _step_layer(self, m: LoRA) -> None:
+        raise NotImplementedError
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the state keeps its saved dtypes: torch would cast the fp32 moments (and counters) of
         bf16 factors to bf16."""
@@ -188,18 +202,9 @@ class LoRAPro(_FactorOptimizer):
         super().__init__(params, loras, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.delta, self.bias_step_offset = delta, bias_step_offset
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for m in self.loras:
-            if m.lora_A.grad is not None and m.lora_B.grad is not None:
-                self._step_layer(m)
-        return loss
-
     def _step_layer(self, m: LoRA) -> None:
+        if m.lora_A.grad is None or m.lora_B.grad is None:
+            return
         A, B, s = m.lora_A, m.lora_B, m.scaling
         group = self.group_of[id(A)]
         beta1, beta2 = group["betas"]
@@ -275,21 +280,14 @@ class AltLoRA(_FactorOptimizer):
             return True, True
         return (True, False) if (t // k) % 2 else (False, True)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for m in self.loras:
-            sched = self.state[m.lora_A].setdefault("schedule_step", torch.zeros((), dtype=torch.float32))
-            sched += 1
-            do_a, do_b = self.phase(int(sched.item()))
-            if do_a and m.lora_A.grad is not None:
-                self._update(m, m.lora_A, m.lora_B, left=True)
-            if do_b and m.lora_B.grad is not None:
-                self._update(m, m.lora_B, m.lora_A, left=False)
-        return loss
+    def _step_layer(self, m: LoRA) -> None:
+        sched = self.state[m.lora_A].setdefault("schedule_step", torch.zeros((), dtype=torch.float32))
+        sched += 1
+        do_a, do_b = self.phase(int(sched.item()))
+        if do_a and m.lora_A.grad is not None:
+            self._update(m, m.lora_A, m.lora_B, left=True)
+        if do_b and m.lora_B.grad is not None:
+            self._update(m, m.lora_B, m.lora_A, left=False)
 
     def _update(self, m: LoRA, p: torch.nn.Parameter, other: torch.nn.Parameter, left: bool) -> None:
         group = self.group_of[id(p)]
