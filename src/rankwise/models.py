@@ -190,8 +190,7 @@ def plain_model(model: nn.Module) -> nn.Module:
             dense.weight.copy_(weight)
             if bias is not None:
                 dense.bias.copy_(bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, dense)
+            model.set_submodule(name, dense)
     return model
 
 

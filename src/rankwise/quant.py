@@ -202,8 +202,7 @@ def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
         raise RankwiseError("--quantize quantizes the frozen base of an adapter method, but this model has no frozen "
                             "linear layer; use an adapter method (e.g. --method lora)")
     for name, m in found:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QuantizedLinear(m, scheme, name))
+        model.set_submodule(name, QuantizedLinear(m, scheme, name))
     # DDP must not broadcast them (quantization is deterministic, every rank holds the same tensors)
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = ignored + [f"{name}.weight" for name, _ in found]
@@ -218,8 +217,7 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.
     """Inverse of ``quantize_base`` up to the quantization: every ``QuantizedLinear`` becomes a plain ``nn.Linear``
     holding ``deq(Q)`` in ``dtype``, in place; returns ``model``."""
     for name, m in quantized_layers(model).items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, m.dense(dtype))
+        model.set_submodule(name, m.dense(dtype))
     return model
 
 

@@ -199,16 +199,14 @@ def attach(model: nn.Module, name: str, modules: dict[str, Parameterization],
     for path, copy in (copies or {}).items():
         module = model.get_submodule(path)
         if not isinstance(module, ModuleCopy):
-            parent, _, child = path.rpartition(".")
             module = ModuleCopy(module)
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+            model.set_submodule(path, module)
         module.copies[name] = copy
     for path, param in modules.items():
         layer = model.get_submodule(path)
         if not isinstance(layer, AdapterLinear):
-            parent, _, child = path.rpartition(".")
             layer = AdapterLinear(layer)
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            model.set_submodule(path, layer)
         layer.adapters[name] = param
         param.prepare_base(layer.base_layer)
     set_adapter(model, name)
@@ -362,11 +360,9 @@ def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None)
     """Merge (default: the active adapters) and put plain ``nn.Linear`` layers back; returns ``model``."""
     merge(model, names)
     for path, layer in adapter_layers(model).items():
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+        model.set_submodule(path, layer.base_layer)
     for path, wrapper in module_copies(model).items():  # modules_to_save: the copy in use replaces the module
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, wrapper.in_use())
+        model.set_submodule(path, wrapper.in_use())
     return model
 
 

@@ -116,7 +116,6 @@ def compensate(model: nn.Module, compressed: dict[str, nn.Module], batches: list
     """Replace, in place, each layer ``name`` of ``model`` (still original) by ``compressed[name]`` plus its EoRA
     compensation (``method="svd"``: the plain SVD baseline), block by block on the calibration ``batches``."""
     from ..adapters.inject import attach, build_parameterization
-    from .welore import _set_module
 
     if method not in ("eigen", "svd"):
         raise RankwiseError(f"unknown compensation {method!r}; valid: eigen, svd")
@@ -137,7 +136,7 @@ def compensate(model: nn.Module, compressed: dict[str, nn.Module], batches: list
             rest = dw - b @ a
             after.append((torch.trace(rest @ g @ rest.T) / norm).item())
             base = compressed[n]
-            _set_module(model, n, base)
+            model.set_submodule(n, base)
             param = build_parameterization("lora", base, {"r": b.shape[1], "alpha": float(b.shape[1])}, n)
             param.import_state({"lora_A.weight": a.to(param.lora_A.dtype), "lora_B.weight": b.to(param.lora_B.dtype)})
             params[n] = param.eval()

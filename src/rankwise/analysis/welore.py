@@ -107,11 +107,6 @@ class CompressionReport:
                 "ranks": self.ranks, "full_ranks": self.full_ranks}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 @torch.no_grad()
 def compress(model: nn.Module, ratio: float, min_ratio: float = 0.0, rank_rule: str = "welore",
              include_output: bool = False) -> CompressionReport:
@@ -144,7 +139,7 @@ def compress(model: nn.Module, ratio: float, min_ratio: float = 0.0, rank_rule: 
             out_f, in_f = old.weight.shape
             if k * (out_f + in_f) < out_f * in_f:
                 bias = None if old.bias is None else old.bias.detach().clone()
-                _set_module(model, n, LowRankLinear(A.to(dtype), B.to(dtype), bias).to(old.weight.device))
+                model.set_submodule(n, LowRankLinear(A.to(dtype), B.to(dtype), bias).to(old.weight.device))
             else:
                 old.weight.copy_((B @ A).to(dtype))
     return CompressionReport({n: wanted[n] for n in lrc}, full, lrc, params_before,
@@ -167,7 +162,7 @@ def densify(model: nn.Module) -> nn.Module:
             dense.weight.copy_(m.weight)
             if m.bias is not None:
                 dense.bias.copy_(m.bias)
-            _set_module(model, name, dense)
+            model.set_submodule(name, dense)
     return model
 
 
@@ -201,7 +196,7 @@ def load_factored(directory: str | os.PathLike) -> nn.Module:
     for name, k in factored.items():
         old = model.get_submodule(name)
         bias = None if old.bias is None else torch.empty_like(old.bias)
-        _set_module(model, name, LowRankLinear(old.weight.new_empty(k, old.in_features),
+        model.set_submodule(name, LowRankLinear(old.weight.new_empty(k, old.in_features),
                                                old.weight.new_empty(old.out_features, k), bias))
     state = load_file(os.path.join(directory, FACTORS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
