@@ -104,12 +104,13 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
         from .quant import require_torchao
 
         require_torchao("this run has a quantized base; reading it")
-    cfg = ckpt.load(run_dir)["config"]
+    state = ckpt.load(run_dir)
+    cfg = state["config"]
     base = cfg.get("model") or cfg.get("preset")
     if base and os.path.isdir(base) and not os.path.isfile(os.path.join(base, "config.json")):
         raise RankwiseError(f"the run's model folder {base!r} has no config.json; restore the transformers "
                             "model folder the run was trained from")
-    run = load_train_run(str(run_dir), device)
+    run = load_train_run(str(run_dir), device, state)
     run.model.eval()
     return run.model, run.config, run.tokenizer
 

@@ -796,10 +796,11 @@ class LoadedRun:
     tokenizer: Any  # the run's transformers tokenizer
 
 
-def load_run(run_dir: str, device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(run_dir: str, device: str | torch.device = "cpu", state: dict[str, Any] | None = None) -> LoadedRun:
     """The model saved in ``run_dir`` (by ``train`` with ``out=run_dir``), rebuilt with its method, and its
-    tokenizer. Methods that calibrate on data before ``prepare`` (LoRA-GA, ...) get the run's own training data."""
-    state = ckpt.load(run_dir)
+    tokenizer. Methods that calibrate on data before ``prepare`` (LoRA-GA, ...) get the run's own training data.
+    ``state``: the run's checkpoint if the caller has already read it (read from ``run_dir`` otherwise)."""
+    state = ckpt.load(run_dir) if state is None else state
     cfg = TrainConfig.from_dict(state["config"])
     dev = resolve_device(device) if isinstance(device, str) else device
     method = methods_mod.get(cfg.method, **cfg.method_options)
