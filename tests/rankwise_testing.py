@@ -1,5 +1,7 @@
 """Helpers shared by the test files (import as `from rankwise_testing import ...`)."""
 
+import torch
+
 from rankwise.train import TrainConfig
 
 
@@ -8,3 +10,12 @@ def quick_config(**overrides) -> TrainConfig:
     base = dict(steps=20, batch_size=8, seq_len=64, lr=2e-3, warmup_steps=5, dtype="fp32", eval_every=0,
                 eval_batches=4, quiet=True)
     return TrainConfig(**{**base, **overrides})
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> None:
+    """Move every trainable tensor away from its init (a stand-in for training), in parameter order."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g) * std)

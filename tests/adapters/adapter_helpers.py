@@ -7,6 +7,7 @@ import copy
 import torch
 
 from rankwise.models import build_model
+from rankwise_testing import perturb  # noqa: F401  (re-exported for the adapter tests)
 
 VOCAB = 512
 KINDS = ["lora", "nola", "vera", "randlora", "lora-xs"]
@@ -26,15 +27,6 @@ def tokens(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(input_ids=x).logits
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> None:
-    """Move every trainable tensor away from its init (a stand-in for training)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def clone(model: torch.nn.Module) -> torch.nn.Module:

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 from ref_model import tiny_llama
+from rankwise_testing import perturb
 from torch import nn
 
 from rankwise import adapters
@@ -24,15 +25,6 @@ def tokens(seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def logits(model: torch.nn.Module) -> torch.Tensor:
     return model(input_ids=tokens()).logits
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> None:
-    """Move every trainable tensor away from its init (a stand-in for training), in parameter order."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def peft_saved(config, path: Path, std: float = 0.05, make: Callable[[], nn.Module] = tiny_llama) -> torch.Tensor:
