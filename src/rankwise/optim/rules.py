@@ -27,6 +27,7 @@ class InnerRule:
     moments: ClassVar[tuple[str, ...]]
     coupled_decay: ClassVar[bool]  # weight decay added to the gradient (Adam, SGD) rather than to the weights (AdamW)
     decay_after: ClassVar[bool] = False  # decoupled decay of the updated weights (transformers' AdamW), not before
+    unsigned: ClassVar[tuple[str, ...]] = ()  # moments that are never negative (an unsigned map when quantized)
 
     def init(self, state: State, like: torch.Tensor) -> None:
         state["step"] = torch.tensor(0.0)
@@ -39,9 +40,9 @@ class InnerRule:
             state[k].zero_()
 
     def drop(self, state: State) -> None:
-        """Free the moments (a block that goes inactive)."""
-        for k in ("step", *self.moments):
-            state.pop(k, None)
+        """Free the moments (a block that goes inactive), with their quantization scales if stored low-bit."""
+        for k in [k for k in state if k == "step" or k.split(".")[0] in self.moments]:
+            del state[k]
 
     def rotate(self, state: State, r: torch.Tensor) -> None:
         """Express the moments in a new basis: first moments are linear, ``m <- R m``."""
@@ -62,6 +63,7 @@ class Adam(InnerRule):
 
     name = "adam"
     moments = ("exp_avg", "exp_avg_sq")
+    unsigned = ("exp_avg_sq",)
     coupled_decay = True
 
     def rotate(self, state: State, r: torch.Tensor) -> None:
