@@ -66,6 +66,8 @@ def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
+        "galore-8bit": MethodSpec("galore-8bit", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0,
+                                  fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
         "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
@@ -80,6 +82,8 @@ def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
+        "galore-8bit": MethodSpec("galore-8bit", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0,
+                                  fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
         "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),

@@ -32,11 +32,16 @@ TARGETS = ("attn", "mlp")
 # descending, embeddings / final norm / head frozen, every active param decayed; LISA (LMFlow
 # ``DynamicLayerActivationCallback`` + ``lisa_activated_layers`` 2, ``lisa_interval_steps`` 20): whole layers sampled
 # afresh, embeddings / final norm / head always trained, torch AdamW keeping a frozen layer's moments.
+# 8-bit: galore-8bit is galore-torch 1.0's GaLoreAdamW8bit (bitsandbytes' blockwise 8-bit AdamW on the projected
+# gradient; torch's AdamW arithmetic, eps 1e-8); adamw-8bit is bitsandbytes' AdamW8bit (``lowbit``).
 PRESETS: dict[str, dict[str, Any]] = {
     "adamw": dict(project=False),
     "split": dict(),  # SplitOptimizer's own defaults: every option is the caller's
     "galore": dict(projector="svd", inner="adamw_hf", residual="drop", rank=128, update_gap=200, scale=0.25,
                    moments="keep", eps=1e-6),
+    "galore-8bit": dict(projector="svd", inner="adamw", residual="drop", rank=128, update_gap=200, scale=0.25,
+                        moments="keep", eps=1e-8, state_bits=8),
+    "adamw-8bit": dict(project=False, state_bits=8),
     "fira": dict(projector="svd", inner="adamw_hf", residual="fira", rank=128, update_gap=200, scale=0.25,
                  moments="keep", eps=1e-6),
     "frugal": dict(projector="block", inner="adamw", residual="signsgd", density=0.25, update_gap=200,
