@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..methods import Method, OptimConfig, register
+from . import lowbit
 from .presets import PRESETS, build
 
 
@@ -25,6 +26,7 @@ class SplitMethod(Method):
     """Builds ``rankwise.optim.build(preset, model, **options)`` with the loop's hyper-parameters."""
 
     def __init__(self, preset: str, **options: Any):
+        lowbit.check(options.get("state_bits", PRESETS[preset].get("state_bits")))  # before anything is built
         self.preset = preset
         self.optimizer_options = options
 
