@@ -26,8 +26,8 @@ def model(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 1) ->
     """One layer, hidden 64, FFN 160, vocab 128: q/k/v/o 64x64, gate/up 160x64 (m > n), down 64x160, embeddings and
     head 128x64. At rank 32 gate/up/down's moments (32 x 160 = 5120 entries) and the plain embeddings / head (8192)
     are quantized; q/k/v/o's (2048) and the norms stay fp32."""
-    return build_model("tiny", vocab_size=128, seed=seed, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                       num_attention_heads=2, max_position_embeddings=64).to(dtype)
+    return build_model("tiny", vocab_size=128, seed=seed, hidden_size=64, intermediate_size=160,
+                       num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=64).to(dtype)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -7,17 +7,13 @@ the dynamic tree map, signed for first moments / momentum, unsigned for the seco
 ``unpack``s the moments to fp32 (x = s_b q[code]), the inner rule runs its usual fp32 arithmetic on them (and any
 reset / rotation on refresh), and ``pack`` quantizes the updated moments again; the update itself uses the fp32
 moments, as bitsandbytes' and torchao's kernels do. Smaller moments (norms, biases, small projected matrices) stay
-fp32, as bitsandbytes (``min_8bit_size=4096``) and torchao keep them.
+fp32, as in bitsandbytes (``min_8bit_size=4096``; torchao has the same threshold but keeps the param's dtype).
 
-=========== ========================================================================================== =========
-state_bits  codec                                                                                      bytes
-=========== ========================================================================================== =========
-8           bitsandbytes ``quantize_blockwise`` / ``dequantize_blockwise``, B = 256, the dynamic map of   n + 4 ceil(n / 256)
-            its 8-bit optimizers (signed / unsigned); exactly its ``AdamW8bit`` state
-4           torchao's 4-bit state (Li et al. 2023, arXiv 2309.01507; ``torchao.optim.subclass_4bit``):   n / 2 + 4 n / 128
-            B = 128, signed dynamic map (3 exponent bits) for m, linear map without zero for v;
-            two codes per byte
-=========== ========================================================================================== =========
+- ``state_bits=8``: bitsandbytes' ``quantize_blockwise`` / ``dequantize_blockwise`` with B = 256 and the dynamic
+  map of its 8-bit optimizers (signed / unsigned): exactly its ``AdamW8bit`` state. n + 4 ceil(n / 256) bytes.
+- ``state_bits=4``: torchao's 4-bit state (Li et al. 2023, arXiv 2309.01507; ``torchao.optim.quant_utils``): B = 128,
+  a signed dynamic map with 3 exponent bits for m, a linear map without zero for v, two codes per byte.
+  n / 2 + 4 n / 128 bytes (needs n % 128 == 0 and an even last dim, else the moment stays fp32).
 
 The quantization maps are constants (one per device, not state); codes are laid out in the parameter's orientation
 (a tall matrix's projected moment as (m, r), as galore-torch's ``GaLoreAdamW8bit`` stores it), so blocks are the
