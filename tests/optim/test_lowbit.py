@@ -220,3 +220,11 @@ def test_meta_device_state_has_the_real_bytes():
         p.grad = torch.zeros_like(p)
     meta.step()
     assert optimizer_state_bytes(meta) == optimizer_state_bytes(real) == real.expected_state_bytes()
+
+
+def test_layerwise_8bit_equals_the_step():
+    """GaLore's per-layer update (gradient hooks) with 8-bit state computes the same weights, bit for bit."""
+    a, b = model(), model()
+    train_steps(a, build("galore-8bit", a, rank=32, update_gap=3, lr=1e-3), range(6))
+    train_steps(b, build("galore-8bit", b, rank=32, update_gap=3, lr=1e-3, layerwise=True), range(6))
+    assert max_diff(a, b) == 0.0
