@@ -1,9 +1,9 @@
 """Benchmark presets: one model, one data source, one schedule, the methods compared on it, and the protocol
 (seeds, memory budgets, learning-rate grid).
 
-``tiny`` is the CPU benchmark: the 1.3M-parameter ``mini`` LLaMA (hidden 128, 4 blocks, vocab 2048) for 250 steps x
-16 x 128 tokens, 3 seeds, sized from per-step costs to take about 15 minutes on 2 idle cores; measured: 22 min
-(docs/bench.md). The ``llama-*`` presets are GaLore's C4 pre-training recipes
+``tiny`` is the CPU benchmark: the 1.3M-parameter ``mini`` LLaMA (hidden 128, 4 blocks, vocab 2048) for 240 steps x
+8 x 128 tokens, 3 seeds, one intra-op thread per run and one run per core, sized so that the README's main command
+takes at most 15 minutes on 2 idle cores (measured: docs/bench.md). The ``llama-*`` presets are GaLore's C4 pre-training recipes
 (``scripts/benchmark_c4/llama_*.sh``: total batch 512 sequences of 256 tokens, 10k / 20k / 60k / 100k steps, 10%
 warmup, bf16, GaLore lr 0.01 with scale 0.25 and update gap 200) with the ranks of GaLore's Table 2 (128 / 256 /
 256 / 512); ReLoRA's numbers are from its 60M script (merge every 1000 steps, 100 re-warmup steps), SLTrain's from
@@ -98,11 +98,11 @@ def _c4(model: str, steps: int, rank: int, micro_batch: int, tokens: str) -> Ben
 
 
 PRESETS: dict[str, BenchPreset] = {
-    "tiny": BenchPreset(model="mini", steps=250, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=25,
-                        methods=_cpu_methods(rank=32, gap=50, warmup=10), eval_every=125, eval_batches=16,
+    "tiny": BenchPreset(model="mini", steps=240, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=24,
+                        methods=_cpu_methods(rank=32, gap=50, warmup=10), eval_every=120, eval_batches=32,
                         vocab_size=2048, seeds=3, budgets=("100%", "80%", "60%"),
-                        description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 250 steps x "
-                                    "2048 tokens, rank 32, 3 seeds; measured 22 min for 8 methods on 2 idle CPU cores"),
+                        description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 240 steps x "
+                                    "1024 tokens, rank 32, 3 seeds, one thread per run"),
     "gpu-60m": BenchPreset(model="llama-60m", steps=400, batch_size=128, seq_len=256, lr=1e-3, warmup_steps=40,
                            methods=_gpu_methods(128, gap=100, merge=200, rewarm=20), eval_every=100,
                            eval_batches=8, data="stdlib-code", vocab_size=8192, seeds=1,
