@@ -597,7 +597,7 @@ def ship_tuned(tuned_json: Path, command: str) -> Path:
     protocol = ("steps", "grid", "successive_halving", "seeds", "objective")
     if old and all(old.get(k) == tuned.get(k) for k in protocol):
         methods_ = {**old["methods"], **tuned["methods"]}
-        commands = [*old.get("commands", []), command]
+        commands = [*old.get("commands", []), *([command] if command not in old.get("commands", []) else [])]
     else:
         methods_, commands = tuned["methods"], [command]
     presets[tuned["preset"]] = {**tuned, "methods": methods_, "commands": commands}
