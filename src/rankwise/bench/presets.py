@@ -61,12 +61,16 @@ class BenchPreset:
 
 
 # GaLore's convention: its lr is larger than full-rank's and the projected update is scaled by 0.25; in the CPU
-# presets galore/fira start (untuned) at 4x the base lr, so the projected matrices move at the base lr.
+# presets galore/fira start (untuned) at 4x the base lr, so the projected matrices move at the base lr. APOLLO's
+# update per channel has the norm of its low-rank Adam direction's, sqrt(r/d) of AdamW's (so sqrt(d/r) = 2 at rank 32
+# of the mini model's 128; APOLLO-Mini's scale 128 makes up for rank 1: 1x); its scripts use lr 1e-2, as GaLore's.
 def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
+        "apollo": MethodSpec("apollo", {"rank": rank, "update_gap": gap, "scale": 1.0}, 2.0, fixed=("scale",)),
+        "apollo-mini": MethodSpec("apollo-mini", {"rank": 1, "update_gap": gap, "scale": 128.0}, fixed=("scale",)),
         "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
@@ -76,11 +80,15 @@ def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
 
 
 def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100) -> dict[str, MethodSpec]:
-    """Base lr 1e-3 (GaLore's full-rank baseline for 60M/130M); GaLore/Fira 1e-2 with scale 0.25; SLTrain 3e-3."""
+    """Base lr 1e-3 (GaLore's full-rank baseline for 60M/130M); GaLore/Fira 1e-2 with scale 0.25; APOLLO /
+    APOLLO-Mini 1e-2 with scale 1 / 128 (APOLLO's scripts/pretrain_c4); SLTrain 3e-3."""
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
+        "apollo": MethodSpec("apollo", {"rank": rank, "update_gap": gap, "scale": 1.0}, 10.0, fixed=("scale",)),
+        "apollo-mini": MethodSpec("apollo-mini", {"rank": 1, "update_gap": gap, "scale": 128.0}, 10.0,
+                                  fixed=("scale",)),
         "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
@@ -102,7 +110,8 @@ PRESETS: dict[str, BenchPreset] = {
                         methods=_cpu_methods(rank=32, gap=50, warmup=10), eval_every=125, eval_batches=16,
                         vocab_size=2048, seeds=3, budgets=("100%", "80%", "60%"),
                         description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 250 steps x "
-                                    "2048 tokens, rank 32, 3 seeds; measured 22 min for 8 methods on 2 idle CPU cores"),
+                                    "2048 tokens, rank 32, 3 seeds; measured 22 min for the 8 methods before "
+                                    "APOLLO / APOLLO-Mini on 2 idle CPU cores"),
     "gpu-60m": BenchPreset(model="llama-60m", steps=400, batch_size=128, seq_len=256, lr=1e-3, warmup_steps=40,
                            methods=_gpu_methods(128, gap=100, merge=200, rewarm=20), eval_every=100,
                            eval_batches=8, data="stdlib-code", vocab_size=8192, seeds=1,

@@ -5,7 +5,7 @@ Every method trains all parameters (full-parameter training); only the optimizer
 ``--update-gap``, ``--scale``, ``--opt KEY=VALUE``).
 
 eps: the ``eps`` option if given (``--opt eps=1e-8``); else the preset's reference default where it has one
-(``galore``, ``fira``: 1e-6, as galore-torch's and Fira's AdamW); else the loop's ``cfg.eps`` (torch's 1e-8). So
+(``galore``, ``fira``, ``apollo``, ``apollo-mini``: 1e-6, as galore-torch's, Fira's and apollo-torch's AdamW); else the loop's ``cfg.eps`` (torch's 1e-8). So
 ``OptimConfig.eps`` — which the training loop never sets, and the HF integration fills from ``adam_epsilon`` — does
 not silently replace a reference default; pass the option to change it.
 """
@@ -52,6 +52,24 @@ def fira(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector:
          layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
     """fira 1.0.2's FiraAdamW; ``residual="fira_exact"`` (residual G - P P^T G) and GaLore's options beyond it."""
     return SplitMethod("fira", **locals())
+
+
+@register("apollo", "optim", "APOLLO: the raw gradient scaled per channel by a random-projection low-rank Adam's ratio")
+def apollo(rank: int = 256, update_gap: int = 200, scale: float = 1.0, projector: str = "gaussian",
+           residual: str = "apollo", moments: str = "keep", inner: str = "adamw_hf", eps: float | None = None,
+           layerwise: bool = False, include_embeddings: bool = False, seed: int = 0) -> Method:
+    """apollo-torch's ``APOLLOAdamW`` with ``scale_type="channel"`` (arXiv 2412.05270): ``scale`` is its ``scale``
+    (the update is multiplied by sqrt(scale)); ``residual="apollo_tensor"`` is its tensor-wise scaling."""
+    return SplitMethod("apollo", **locals())
+
+
+@register("apollo-mini", "optim", "APOLLO-Mini: the raw gradient scaled tensor-wise from a rank-1 random-projection Adam")
+def apollo_mini(rank: int = 1, update_gap: int = 200, scale: float = 128.0, projector: str = "gaussian",
+                residual: str = "apollo_tensor", moments: str = "keep", inner: str = "adamw_hf",
+                eps: float | None = None, layerwise: bool = False, include_embeddings: bool = False,
+                seed: int = 0) -> Method:
+    """apollo-torch's ``APOLLOAdamW`` with ``scale_type="tensor"``, rank 1, scale 128 (the update times sqrt(128))."""
+    return SplitMethod("apollo-mini", **locals())
 
 
 @register("frugal", "optim", "FRUGAL: AdamW on a density fraction of the tensors (or a subspace), signSGD on the rest")

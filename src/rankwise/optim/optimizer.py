@@ -37,17 +37,10 @@ from torch import nn
 from ..errors import RankwiseError
 from .blocks import BLOCK_SELECTORS, ORDERS, make_selector
 from .projectors import COORDINATE_SUBSETS, PROJECTORS, Projector, canonical, make_projector
+from .projectors import mix as _mix
 from .rules import INNER_RULES, RESIDUAL_RULES, InnerRule, make_inner, make_residual
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
-
-
-def _mix(*xs: int) -> int:
-    """A deterministic seed from integers (period, param index, user seed)."""
-    h = 0
-    for x in xs:
-        h = (h * 0x9E3779B97F4A7C15 + x + 0x632BE59BD9B4E019) % (1 << 61)
-    return h
 
 
 class SplitOptimizer(torch.optim.Optimizer):
@@ -341,7 +334,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if refresh:
             if group["moments"] == "rotate" and "step" in state:
                 old = proj.dense(proj.handle(state, gt), d)
-            proj.refresh(p.grad, state, _mix(group["seed"], self._index[p], t // group["update_gap"]))
+            proj.refresh(p.grad, state, proj.seed(state, group["seed"], self._index[p], t // group["update_gap"]))
         h = proj.handle(state, gt)
         low = proj.down(gt, h)
         if "step" not in state:
@@ -358,14 +351,16 @@ class SplitOptimizer(torch.optim.Optimizer):
         if group["residual"] != "drop":
             basis = proj.dense(h, d) if residual.needs_subspace else None
             c = residual.column_scale(gt, low, u, state, group, basis)
+        a = residual.inner_weight(group)
         if c is None:
-            pt.add_(proj.up(u, h, d), alpha=-lr * group["scale"])
+            pt.add_(proj.up(u, h, d), alpha=-lr * a)
             if group["residual"] != "drop":
                 pt.add_(residual.direction(proj.residual(gt, low, h), low, u, state, group), alpha=-lr * rls)
             return
         # linear residual rule: scale P u + rls (Gt - w P g) c = P (scale u - rls w g c) + rls Gt c
         w = residual.subspace_weight(group)
-        pt.add_(proj.up(u.mul(group["scale"]).sub_(low * c, alpha=rls * w), h, d), alpha=-lr)
+        if a or w:  # APOLLO: neither (the inner rule only feeds the scaling of Gt)
+            pt.add_(proj.up(u.mul(a).sub_(low * c, alpha=rls * w), h, d), alpha=-lr)
         if isinstance(c, torch.Tensor):
             pt.addcmul_(gt, c, value=-lr * rls)
         else:
@@ -404,7 +399,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                     total += 8 * kept + k * sub.entries(p.shape, kept) * s + 4
                 else:
                     d, big, r = min(p.shape), max(p.shape), self._rank(p, group)
-                    basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "coordinates": 8 * r}
+                    basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "gaussian": 0, "coordinates": 8 * r}
                     total += basis[group["projector"]] + k * r * big * s + 4
                     total += max(4, s) * len(RESIDUAL_RULES[group["residual"]].state_keys)  # >= fp32 scalars
         return total
