@@ -7,7 +7,8 @@ For a projected 2-D parameter with gradient G (canonical orientation Gt, (d, D),
     u = inner(g)                                 (r, D)   stateful direction (Adam/AdamW/SGD-momentum)
     W <- W - lr * scale * P u                             GaLore's update, alpha = ``scale``
     W <- W - lr * residual_lr_scale * rho(Gt - P g)       residual rule rho: drop / fira / signsgd / sgd
-                                                          (Fira's code subtracts scale * P g instead)
+                                                          (Fira's code subtracts scale * P g instead; APOLLO's
+                                                          rho scales Gt itself, and replaces the P u update)
 
 Block selectors (``block``, ``layers``) replace P by all-or-nothing per parameter: a selected block gets the inner
 rule on its full gradient (times ``scale``), the others only the residual rule; with ``residual="drop"`` an inactive
@@ -47,17 +48,20 @@ class SplitOptimizer(torch.optim.Optimizer):
     """Low-rank / block-sparse stateful updates plus a state-free residual, as a ``torch.optim.Optimizer``.
 
     Args (all also valid as param-group keys):
-        projector: ``svd``, ``rsvd``, ``random``, ``coordinates`` (per matrix, canonical orientation), ``randk``,
+        projector: ``svd``, ``rsvd``, ``random``, ``gaussian`` (APOLLO's), ``coordinates`` (per matrix, canonical
+            orientation), ``randk``,
             ``columns``, ``rows`` (coordinate subsets of the gradient) or ``block``, ``layers`` (per block).
         inner: ``adamw`` (torch's arithmetic), ``adamw_hf`` (transformers', as in galore-torch / Fira), ``adam`` or
             ``sgd`` (momentum) — the stateful rule.
-        residual: ``drop``, ``fira`` (Fira's code), ``fira_exact`` (its residual is G - P P^T G), ``signsgd`` or
-            ``sgd`` — the rule on the part outside the subspace.
+        residual: ``drop``, ``fira`` (Fira's code), ``fira_exact`` (its residual is G - P P^T G), ``signsgd``,
+            ``sgd`` — the rule on the part outside the subspace — or ``apollo`` / ``apollo_tensor`` (APOLLO's
+            channel- / tensor-wise scaling of the raw gradient, times sqrt(``scale``), instead of ``scale * P u``).
         rank: subspace dimension r, 1 <= r <= min(m, n) for every projected matrix.
         density: FRUGAL's rho, instead of ``rank``/``active_blocks`` when set: rank = round(rho min(m, n)) per matrix;
             int(rho length) entries / columns / rows for coordinate subsets; round(rho n) of the n blocks.
         update_gap: steps between refreshes of the subspace / block selection (GaLore's ``update_proj_gap``).
-        scale: multiplier alpha of the back-projected inner update (GaLore's ``scale``; 0.25 in its recipe).
+        scale: multiplier alpha of the back-projected inner update (GaLore's ``scale``; 0.25 in its recipe); for
+            ``apollo`` rules apollo-torch's ``scale``, the update times sqrt(scale).
         moments: on refresh, ``keep`` (GaLore, Fira), ``reset`` (FRUGAL, BAdam) or ``rotate`` into the new
             basis (m <- R m, v <- (R*R) v, R = P_new^T P_old). Block selectors: ``reset`` frees an inactive block's
             moments, ``keep`` leaves them untouched until it is selected again (LISA).
@@ -372,8 +376,8 @@ class SplitOptimizer(torch.optim.Optimizer):
 
         Per parameter with element size s: a float32 ``step`` (4 B) with every set of moments; plain params
         k * numel * s (k = 2 for Adam/AdamW, 1 for SGD-momentum); projected (m, n), d = min, D = max:
-        basis d * r * s (svd, rsvd) / 0 (random: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
-        (+ max(4, s) B for ``fira``'s limiter); coordinate subsets: 8 B per kept index + k * kept entries * s + 4;
+        basis d * r * s (svd, rsvd) / 0 (random, gaussian: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
+        (+ max(4, s) B for the limiter of ``fira``, ``apollo``); coordinate subsets: 8 B per kept index + k * kept entries * s + 4;
         block selectors: k * numel * s + 4 for params of the blocks selected in ``period`` (``moments="keep"``: in
         any period up to ``period``), else 0.
         """
