@@ -127,7 +127,8 @@ def snapshot(model, opt) -> bytes:
     ("galore", {"projector": "rsvd"}), ("fira", {}), ("frugal", {"projector": "random", "moments": "rotate"}),
     ("frugal", {"projector": "coordinates"}), ("badam", {"block_order": "random"}), ("lisa", {}),
     ("frugal", {}), ("frugal", {"projector": "randk", "moments": "rotate"}), ("frugal", {"projector": "columns"}),
-    ("apollo", {}), ("apollo-mini", {}),
+    ("apollo", {}), ("apollo-mini", {}), ("galore", {"stagger": True}), ("apollo", {"stagger": True}),
+    ("frugal", {"projector": "columns", "stagger": True}),
 ])
 def test_state_dict_round_trip_resumes_bit_exact(name, options):
     kw = {"update_gap": 2, "lr": 1e-2, **options, **({} if name in ("badam", "lisa") else {"rank": R})}

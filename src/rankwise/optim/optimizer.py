@@ -68,6 +68,9 @@ class SplitOptimizer(torch.optim.Optimizer):
         residual_lr_scale: residual learning rate / lr (FRUGAL's ``inactive_lr_scale``).
         lr, betas, eps, weight_decay, momentum, nesterov: as in ``torch.optim`` (decoupled decay for ``adamw``,
             after the update for ``adamw_hf``).
+        stagger: refresh the group's projected matrices at staggered steps (the j-th of n at t = j * gap // n
+            (mod gap), and at t = 0) instead of all at once: no step-time spike and peak-memory bump every
+            ``update_gap`` steps; off in every preset (their references refresh together).
         power_iters, oversample: ``rsvd`` settings. block_order (``blocks.ORDERS``), active_blocks: block selector
             settings; block_phase: steps by which the first period is shorter (at most update_gap - 1; BAdam's
             switch after step k when (k + 1) % switch_block_every == 0 is phase 1). seed: seeds random bases,
@@ -85,16 +88,18 @@ class SplitOptimizer(torch.optim.Optimizer):
                  weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, moments: str = "keep",
                  residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
                  block_order: str = "ascending", active_blocks: int = 1, block_phase: int = 0, seed: int = 0,
-                 project: bool = True, layerwise: bool = False):
+                 project: bool = True, stagger: bool = False, layerwise: bool = False):
         self._index: dict[nn.Parameter, int] = {}
         self._block: dict[nn.Parameter, int] = {}
+        self._slot: dict[nn.Parameter, tuple[int, int]] = {}  # (j, n): j-th of the group's n refreshed matrices
         self._group_of: dict[nn.Parameter, dict[str, Any]] = {}
         self._selection: dict[int, tuple[int, set[int]]] = {}  # id(group) -> (period, active block ids)
         defaults = dict(projector=projector, inner=inner, residual=residual, rank=rank, update_gap=update_gap,
                         scale=scale, density=density, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         momentum=momentum, nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
                         power_iters=power_iters, oversample=oversample, block_order=block_order,
-                        active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project)
+                        active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project,
+                        stagger=stagger)
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self._hooks = []
@@ -133,6 +138,9 @@ class SplitOptimizer(torch.optim.Optimizer):
                     raise RankwiseError(f"projector {group['projector']!r} keeps {k} of the {length} "
                                         f"{sub.unit} of {label} (shape {tuple(p.shape)}); it must keep between 1 and "
                                         f"{length}: change rank or density")
+        refreshed = [p for p in group["params"] if self._projected(p, group) and group["projector"] not in
+                     BLOCK_SELECTORS]
+        self._slot.update({p: (j, len(refreshed)) for j, p in enumerate(refreshed)})
         ids = group.get("block_ids") or sorted(set(blocks))
         if not set(blocks) <= set(ids):
             raise RankwiseError(f"param group 'blocks' has ids {sorted(set(blocks) - set(ids))} missing from its "
@@ -175,6 +183,11 @@ class SplitOptimizer(torch.optim.Optimizer):
         if kind is not None and RESIDUAL_RULES[group["residual"]].needs_subspace:
             raise RankwiseError(f"residual {group['residual']!r} needs a subspace projector "
                                 f"({', '.join(PROJECTORS)}), not the {kind} {group['projector']!r}")
+        if not isinstance(group["stagger"], bool):
+            raise RankwiseError(f"stagger must be True or False, got {group['stagger']!r}")
+        if group["projector"] in BLOCK_SELECTORS and group["stagger"]:
+            raise RankwiseError(f"stagger spreads the refreshes of projected matrices; the block selector "
+                                f"{group['projector']!r} switches all blocks at once: use block_phase to shift it")
         if group["projector"] in BLOCK_SELECTORS and group["moments"] == "rotate":
             raise RankwiseError(f"block selector {group['projector']!r} has no basis to rotate moments into: use "
                                 "moments='reset' (free an inactive block's moments) or 'keep' (keep them)")
@@ -257,6 +270,16 @@ class SplitOptimizer(torch.optim.Optimizer):
             p.add_(p, alpha=-lr * wd)
         state["updates"] = t + 1
 
+    def _schedule(self, p: torch.Tensor, group: dict[str, Any], t: int) -> tuple[bool, int]:
+        """(refresh at update ``t``?, period) of a projected matrix or coordinate subset: every ``update_gap`` steps
+        from update 0; with ``stagger``, the j-th of the group's n such params refreshes at updates t = o_j + k gap,
+        o_j = j * gap // n (and at update 0, when it has no basis yet), so refreshes spread over the gap."""
+        gap = group["update_gap"]
+        j, n = self._slot[p]
+        shift = -(j * gap // n) % gap if group.get("stagger") else 0  # .get: checkpoints from before the option
+        period, offset = divmod(t + shift, gap)
+        return t == 0 or offset == 0, period
+
     @staticmethod
     def _period(group: dict[str, Any], t: int) -> tuple[int, int]:
         """(period, step within it) of update ``t`` (0-based) for a block selector, with ``block_phase``."""
@@ -305,12 +328,11 @@ class SplitOptimizer(torch.optim.Optimizer):
         ``update_gap`` steps a random index set S is drawn; u = inner(G_S); W_S <- W_S - lr * scale * u and
         W <- W - lr * residual_lr_scale * rho(G with G_S = 0)."""
         sub = COORDINATE_SUBSETS[group["projector"]]
-        refresh = t % group["update_gap"] == 0
+        refresh, period = self._schedule(p, group, t)
         if refresh:
             old = state.get("index")
             k = sub.count(p.shape, group["rank"], group["density"])
-            state["index"] = sub.pick(p.shape, k, _mix(group["seed"], self._index[p], t // group["update_gap"]),
-                                      g.device)
+            state["index"] = sub.pick(p.shape, k, _mix(group["seed"], self._index[p], period), g.device)
         idx = state["index"]
         low = sub.down(g, idx)
         if "step" not in state:
@@ -333,12 +355,12 @@ class SplitOptimizer(torch.optim.Optimizer):
             if group["projector"] == "rsvd" else {}))
         gt = canonical(g)
         d = gt.shape[0]
-        refresh = t % group["update_gap"] == 0
+        refresh, period = self._schedule(p, group, t)
         old = None
         if refresh:
             if group["moments"] == "rotate" and "step" in state:
                 old = proj.dense(proj.handle(state, gt), d)
-            proj.refresh(p.grad, state, proj.seed(state, group["seed"], self._index[p], t // group["update_gap"]))
+            proj.refresh(p.grad, state, proj.seed(state, group["seed"], self._index[p], period))
         h = proj.handle(state, gt)
         low = proj.down(gt, h)
         if "step" not in state:
