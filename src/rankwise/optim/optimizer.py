@@ -49,8 +49,8 @@ class SplitOptimizer(torch.optim.Optimizer):
 
     Args (all also valid as param-group keys):
         projector: ``svd``, ``rsvd``, ``random``, ``gaussian`` (APOLLO's), ``coordinates`` (per matrix, canonical
-            orientation), ``randk``,
-            ``columns``, ``rows`` (coordinate subsets of the gradient) or ``block``, ``layers`` (per block).
+            orientation), ``randk``, ``columns``, ``rows`` (coordinate subsets of the gradient) or ``block``,
+            ``layers`` (per block).
         inner: ``adamw`` (torch's arithmetic), ``adamw_hf`` (transformers', as in galore-torch / Fira), ``adam`` or
             ``sgd`` (momentum) — the stateful rule.
         residual: ``drop``, ``fira`` (Fira's code), ``fira_exact`` (its residual is G - P P^T G), ``signsgd``,
@@ -69,8 +69,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         lr, betas, eps, weight_decay, momentum, nesterov: as in ``torch.optim`` (decoupled decay for ``adamw``,
             after the update for ``adamw_hf``).
         stagger: refresh the group's projected matrices at staggered steps (the j-th of n at t = j * gap // n
-            (mod gap), and at t = 0) instead of all at once: no step-time spike and peak-memory bump every
-            ``update_gap`` steps; off in every preset (their references refresh together).
+            (mod gap), and at t = 0) instead of all at once: the refresh work (SVDs) is spread over the steps, no
+            step-time spike every ``update_gap`` steps; off in every preset (their references refresh together).
         power_iters, oversample: ``rsvd`` settings. block_order (``blocks.ORDERS``), active_blocks: block selector
             settings; block_phase: steps by which the first period is shorter (at most update_gap - 1; BAdam's
             switch after step k when (k + 1) % switch_block_every == 0 is phase 1). seed: seeds random bases,
