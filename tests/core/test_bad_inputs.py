@@ -237,6 +237,7 @@ API = [
     ("method-rank-abc", lambda: methods.get("galore", rank="abc"), "rank must be an integer"),
     ("method-alpha-nan", lambda: methods.get("lora", alpha=math.nan), "alpha must be a finite number"),
     ("method-bool-option", lambda: methods.get("galore", layerwise="yes"), "layerwise must be true or false"),
+    ("method-stagger-not-bool", lambda: methods.get("apollo", stagger="yes"), "stagger must be true or false"),
     ("model-not-causal-lm", lambda: train(TrainConfig(steps=1), model=torch.nn.Linear(2, 2)),
      "must be a causal LM"),
     ("model-not-a-module", lambda: train(TrainConfig(steps=1), model="gpt2"), "must be a causal LM"),

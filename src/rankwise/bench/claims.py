@@ -30,6 +30,9 @@ class Claim:
 CLAIMS = [
     Claim("FRUGAL beats GaLore at equal memory", "FRUGAL (Zmushko et al. 2025)", "frugal", "galore", memory="equal"),
     Claim("Fira beats GaLore", "Fira (Chen et al. 2024)", "fira", "galore", memory="equal"),
+    Claim("APOLLO beats GaLore", "APOLLO (Zhu et al. 2024), Table 2", "apollo", "galore", memory="equal"),
+    Claim("APOLLO-Mini beats GaLore at less memory", "APOLLO (Zhu et al. 2024), Tables 2-3", "apollo-mini", "galore",
+          memory="less"),
     Claim("low-rank + refactorization + momentum reset beats GaLore at ~25% less memory",
           "Glentis et al. 2025 (benchmark paper)", "lowrank-rr", "galore", memory="less", ratio=0.75),
     Claim("low-rank + refactorization + momentum reset beats Fira at ~25% less memory",

@@ -61,12 +61,16 @@ class BenchPreset:
 
 
 # GaLore's convention: its lr is larger than full-rank's and the projected update is scaled by 0.25; in the CPU
-# presets galore/fira start (untuned) at 4x the base lr, so the projected matrices move at the base lr.
+# presets galore/fira start (untuned) at 4x the base lr, so the projected matrices move at the base lr. APOLLO's
+# update per channel has the norm of its low-rank Adam direction's, sqrt(r/d) of AdamW's (so sqrt(d/r) = 2 at rank 32
+# of the mini model's 128; APOLLO-Mini's scale 128 makes up for rank 1: 1x); its scripts use lr 1e-2, as GaLore's.
 def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
+        "apollo": MethodSpec("apollo", {"rank": rank, "update_gap": gap, "scale": 1.0}, 2.0, fixed=("scale",)),
+        "apollo-mini": MethodSpec("apollo-mini", {"rank": 1, "update_gap": gap, "scale": 128.0}, fixed=("scale",)),
         "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
@@ -76,11 +80,15 @@ def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
 
 
 def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100) -> dict[str, MethodSpec]:
-    """Base lr 1e-3 (GaLore's full-rank baseline for 60M/130M); GaLore/Fira 1e-2 with scale 0.25; SLTrain 3e-3."""
+    """Base lr 1e-3 (GaLore's full-rank baseline for 60M/130M); GaLore/Fira 1e-2 with scale 0.25; APOLLO /
+    APOLLO-Mini 1e-2 with scale 1 / 128 (APOLLO's scripts/pretrain_c4); SLTrain 3e-3."""
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
+        "apollo": MethodSpec("apollo", {"rank": rank, "update_gap": gap, "scale": 1.0}, 10.0, fixed=("scale",)),
+        "apollo-mini": MethodSpec("apollo-mini", {"rank": 1, "update_gap": gap, "scale": 128.0}, 10.0,
+                                  fixed=("scale",)),
         "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),

@@ -4,7 +4,7 @@ rates and (optionally) matched memory; compare perplexity, memory and throughput
 Writes results.csv, summary.csv, results.md, claims.md, bench.json, ppl_vs_memory.png and loss_curves.png to --out
 (with --tune also tuned.json and lr_sensitivity.png). A rerun with the same --out resumes: finished runs are kept.
 
-  rankwise bench --preset tiny --out runs/bench                    # 8 methods x 3 seeds at the shipped lrs
+  rankwise bench --preset tiny --out runs/bench                    # 10 methods x 3 seeds at the shipped lrs
   rankwise bench --preset tiny --tune --match-memory preset --out runs/protocol   # the full protocol
   rankwise bench --methods full:lr_scale=3,galore:rank=16 --seeds 2 --steps 100
 """
