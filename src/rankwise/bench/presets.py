@@ -68,6 +68,8 @@ def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
+        "galore-8bit": MethodSpec("galore-8bit", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0,
+                                  fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
         "apollo": MethodSpec("apollo", {"rank": rank, "update_gap": gap, "scale": 1.0}, 2.0, fixed=("scale",)),
         "apollo-mini": MethodSpec("apollo-mini", {"rank": 1, "update_gap": gap, "scale": 128.0}, fixed=("scale",)),
@@ -85,6 +87,8 @@ def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
+        "galore-8bit": MethodSpec("galore-8bit", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0,
+                                  fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
         "apollo": MethodSpec("apollo", {"rank": rank, "update_gap": gap, "scale": 1.0}, 10.0, fixed=("scale",)),
         "apollo-mini": MethodSpec("apollo-mini", {"rank": 1, "update_gap": gap, "scale": 128.0}, 10.0,

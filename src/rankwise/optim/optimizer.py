@@ -21,6 +21,9 @@ not projected (1-D ones, and any group with ``project=False``) get the inner rul
 Weight decay: ``adam`` / ``sgd`` add ``wd * W`` to the gradient (L2); ``adamw`` scales ``W <- W (1 - lr wd)`` before
 the update (torch); ``adamw_hf`` applies ``W <- W - lr wd W`` to the updated weights (transformers).
 
+``state_bits=8`` / ``4`` stores every inner rule's moments (of projected and plain params alike) block-wise quantized
+between steps, fp32 during the step (``lowbit``: 8-bit Adam's dynamic-map quantization, arXiv 2110.02861).
+
 Every option is also a param-group key, so groups can differ (e.g. embeddings plain, attention projected). ``lr``
 stays in ``param_groups`` for LR schedulers. ``layerwise=True`` runs each parameter's update inside a
 post-accumulate-grad hook and frees its gradient right away (GaLore's per-layer weight update, arXiv 2403.03507
@@ -36,6 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import RankwiseError
+from . import lowbit
 from .blocks import BLOCK_SELECTORS, ORDERS, make_selector
 from .projectors import COORDINATE_SUBSETS, PROJECTORS, Projector, canonical, make_projector
 from .projectors import mix as _mix
@@ -78,6 +82,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         project: per group; False = plain inner rule on full gradients. names / blocks: per group, one per param
             (error messages; block ids for ``block``/``layers``, default one block per param). block_ids: per group,
             the ids the selector chooses from (default: those of the group; groups sharing them share the choice).
+        state_bits: None (moments in the param's dtype), 8 or 4: moments of >= 4096 entries stored block-wise
+            quantized (``lowbit``; 8: bitsandbytes, 4: torchao), smaller ones in fp32.
         layerwise: update in post-accumulate-grad hooks (see module docstring).
     """
 
@@ -88,7 +94,8 @@ class SplitOptimizer(torch.optim.Optimizer):
                  weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, moments: str = "keep",
                  residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
                  block_order: str = "ascending", active_blocks: int = 1, block_phase: int = 0, seed: int = 0,
-                 project: bool = True, stagger: bool = False, layerwise: bool = False):
+                 project: bool = True, state_bits: int | None = None, stagger: bool = False,
+                 layerwise: bool = False):
         self._index: dict[nn.Parameter, int] = {}
         self._block: dict[nn.Parameter, int] = {}
         self._slot: dict[nn.Parameter, tuple[int, int]] = {}  # (j, n): j-th of the group's n refreshed matrices
@@ -99,7 +106,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                         momentum=momentum, nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
                         power_iters=power_iters, oversample=oversample, block_order=block_order,
                         active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project,
-                        stagger=stagger)
+                        state_bits=state_bits, stagger=stagger)
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self._hooks = []
@@ -162,6 +169,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         choice("residual", RESIDUAL_RULES)
         choice("moments", MOMENT_POLICIES)
         choice("block_order", ORDERS)
+        lowbit.check(group["state_bits"])
         for key in ("update_gap", "active_blocks", "power_iters"):
             if not isinstance(group[key], int) or group[key] < 1:
                 raise RankwiseError(f"{key} must be a positive integer, got {group[key]!r}")
@@ -220,13 +228,14 @@ class SplitOptimizer(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim``'s, but integer tensors (``coordinates`` indices) keep their dtype (torch casts every
-        tensor of a floating-point param's state to the param's dtype)."""
+        """As ``torch.optim``'s, but integer tensors (``coordinates`` indices, low-bit codes) and, with
+        ``state_bits``, every tensor keep their saved dtype (torch casts every tensor of a floating-point param's
+        state to the param's dtype)."""
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for i, p in zip(ids, (p for g in self.param_groups for p in g["params"])):
+        for i, (p, low) in zip(ids, ((p, g.get("state_bits")) for g in self.param_groups for p in g["params"])):
             for key, value in state_dict["state"].get(i, {}).items():
-                if torch.is_tensor(value) and not value.is_floating_point():
+                if torch.is_tensor(value) and (low is not None or not value.is_floating_point()):
                     self.state[p][key] = value.to(p.device, copy=True)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._selection = {}
@@ -250,6 +259,8 @@ class SplitOptimizer(torch.optim.Optimizer):
             state["updates"] = t + 1
             return
         inner = make_inner(group["inner"])
+        transposed = self._projected(p, group) and group["projector"] in PROJECTORS and p.shape[0] >= p.shape[1]
+        lowbit.unpack(state, inner.moments, inner.unsigned, transposed)  # quantized moments -> fp32 for this step
         lr, wd = group["lr"], group["weight_decay"]
         if wd and not inner.decay_after:
             if inner.coupled_decay:
@@ -268,6 +279,7 @@ class SplitOptimizer(torch.optim.Optimizer):
             self._subspace_update(p, g, state, group, inner, t)
         if wd and inner.decay_after:
             p.add_(p, alpha=-lr * wd)
+        lowbit.pack(state, inner.moments, inner.unsigned, transposed, group.get("state_bits"))
         state["updates"] = t + 1
 
     def _schedule(self, p: torch.Tensor, group: dict[str, Any], t: int) -> tuple[bool, int]:
@@ -401,11 +413,13 @@ class SplitOptimizer(torch.optim.Optimizer):
         basis d * r * s (svd, rsvd) / 0 (random, gaussian: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
         (+ max(4, s) B for the limiter of ``fira``, ``apollo``); coordinate subsets: 8 B per kept index + k * kept entries * s + 4;
         block selectors: k * numel * s + 4 for params of the blocks selected in ``period`` (``moments="keep"``: in
-        any period up to ``period``), else 0.
+        any period up to ``period``), else 0. With ``state_bits``, each moment's ``numel * s`` is
+        ``lowbit.moment_bytes`` of its shape in the param's orientation (codes + fp32 absmax per block, or fp32).
         """
         total = 0
         for group in self.param_groups:
             k = len(INNER_RULES[group["inner"]].moments)
+            bits = group.get("state_bits")
             active: set[int] = set()
             if group["projector"] in BLOCK_SELECTORS and group["project"]:
                 ids = set(group["block_ids"])
@@ -414,18 +428,20 @@ class SplitOptimizer(torch.optim.Optimizer):
                     if active == ids:
                         break
             for p in group["params"]:
-                s, n = p.element_size(), p.numel()
+                s = p.element_size()
+                full = k * lowbit.moment_bytes(tuple(p.shape), s, bits) + 4
                 if not self._projected(p, group):
-                    total += k * n * s + 4
+                    total += full
                 elif group["projector"] in BLOCK_SELECTORS:
-                    total += (k * n * s + 4) if self._block[p] in active else 0
+                    total += full if self._block[p] in active else 0
                 elif group["projector"] in COORDINATE_SUBSETS:
                     sub = COORDINATE_SUBSETS[group["projector"]]
                     kept = sub.count(p.shape, group["rank"], group["density"])
-                    total += 8 * kept + k * sub.entries(p.shape, kept) * s + 4
+                    total += 8 * kept + k * lowbit.moment_bytes(sub.shape(p.shape, kept), s, bits) + 4
                 else:
                     d, big, r = min(p.shape), max(p.shape), self._rank(p, group)
                     basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "gaussian": 0, "coordinates": 8 * r}
-                    total += basis[group["projector"]] + k * r * big * s + 4
+                    low = (big, r) if p.shape[0] >= p.shape[1] else (r, big)  # the param's orientation
+                    total += basis[group["projector"]] + k * lowbit.moment_bytes(low, s, bits) + 4
                     total += max(4, s) * len(RESIDUAL_RULES[group["residual"]].state_keys)  # >= fp32 scalars
         return total

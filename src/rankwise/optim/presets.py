@@ -36,11 +36,16 @@ TARGETS = ("attn", "mlp")
 # ``APOLLOAdamW``): random projection (``proj="random"``, ``proj_type="std"``), ``update_proj_gap`` 200, moments kept;
 # APOLLO ``scale_type="channel"``, rank 256, scale 1; APOLLO-Mini ``"tensor"``, rank 1, scale 128; transformers' AdamW
 # arithmetic (eps 1e-6, decay after the update) on every param, the "attn"/"mlp" linears projected.
+# 8-bit: galore-8bit is galore-torch 1.0's GaLoreAdamW8bit (bitsandbytes' blockwise 8-bit AdamW on the projected
+# gradient; torch's AdamW arithmetic, eps 1e-8); adamw-8bit is bitsandbytes' AdamW8bit (``lowbit``).
 PRESETS: dict[str, dict[str, Any]] = {
     "adamw": dict(project=False),
     "split": dict(),  # SplitOptimizer's own defaults: every option is the caller's
     "galore": dict(projector="svd", inner="adamw_hf", residual="drop", rank=128, update_gap=200, scale=0.25,
                    moments="keep", eps=1e-6),
+    "galore-8bit": dict(projector="svd", inner="adamw", residual="drop", rank=128, update_gap=200, scale=0.25,
+                        moments="keep", eps=1e-8, state_bits=8),
+    "adamw-8bit": dict(project=False, state_bits=8),
     "fira": dict(projector="svd", inner="adamw_hf", residual="fira", rank=128, update_gap=200, scale=0.25,
                  moments="keep", eps=1e-6),
     "apollo": dict(projector="gaussian", inner="adamw_hf", residual="apollo", rank=256, update_gap=200, scale=1.0,

@@ -261,9 +261,9 @@ class CoordinateSubset:
             return int(self.length(shape) * density)
         return rank * max(shape) if self.dim is None else rank
 
-    def entries(self, shape: torch.Size, k: int) -> int:
-        """Numel of G_S for |S| = k."""
-        return k if self.dim is None else k * shape[1 - self.dim]
+    def shape(self, shape: torch.Size, k: int) -> tuple[int, ...]:
+        """Shape of G_S for |S| = k."""
+        return (k,) if self.dim is None else (k, shape[1]) if self.dim == 0 else (shape[0], k)
 
     def pick(self, shape: torch.Size, k: int, seed: int, device: torch.device) -> torch.Tensor:
         perm = torch.randperm(self.length(shape), generator=generator(torch.device("cpu"), seed))

@@ -3,7 +3,8 @@
 An inner rule turns a gradient ``g`` (any shape; the projected (r, D) one, or a full one for plain params) into a
 direction ``u = c * n`` with the update ``p <- p - lr * u``: ``n`` the normalized direction, ``c`` a scalar
 step-size factor (``gain``: sqrt(bc2)/bc1 for ``adamw_hf``, 1 for the others). Its state (moments, a float32 scalar
-``step`` as in ``torch.optim``) lives in the param's optimizer state. It can reset its moments, or rotate them into a
+``step`` as in ``torch.optim``) lives in the param's optimizer state; moments may be fp32 for a lower-precision
+gradient (``state_bits``), the direction is in the gradient's dtype. It can reset its moments, or rotate them into a
 new basis (``R = P_new^T P_old``) when the projector refreshes.
 
 A residual rule turns ``Gt - w P P^T Gt`` (w = ``subspace_weight``: 1, Fira's ``scale``, or 0 for APOLLO, which scales
@@ -29,6 +30,7 @@ class InnerRule:
     moments: ClassVar[tuple[str, ...]]
     coupled_decay: ClassVar[bool]  # weight decay added to the gradient (Adam, SGD) rather than to the weights (AdamW)
     decay_after: ClassVar[bool] = False  # decoupled decay of the updated weights (transformers' AdamW), not before
+    unsigned: ClassVar[tuple[str, ...]] = ()  # moments that are never negative (an unsigned map when quantized)
 
     def init(self, state: State, like: torch.Tensor) -> None:
         state["step"] = torch.tensor(0.0)
@@ -41,14 +43,14 @@ class InnerRule:
             state[k].zero_()
 
     def drop(self, state: State) -> None:
-        """Free the moments (a block that goes inactive)."""
-        for k in ("step", *self.moments):
-            state.pop(k, None)
+        """Free the moments (a block that goes inactive), with their quantization scales if stored low-bit."""
+        for k in [k for k in state if k == "step" or k.split(".")[0] in self.moments]:
+            del state[k]
 
     def rotate(self, state: State, r: torch.Tensor) -> None:
         """Express the moments in a new basis: first moments are linear, ``m <- R m``."""
         for k in self.moments:
-            state[k] = r @ state[k]
+            state[k] = r.to(state[k].dtype) @ state[k]
 
     def direction(self, g: torch.Tensor, state: State, group: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
@@ -64,11 +66,13 @@ class Adam(InnerRule):
 
     name = "adam"
     moments = ("exp_avg", "exp_avg_sq")
+    unsigned = ("exp_avg_sq",)
     coupled_decay = True
 
     def rotate(self, state: State, r: torch.Tensor) -> None:
         """``m <- R m``; the second moment is not linear in the basis, so ``v <- (R * R) v``: the diagonal of
         ``R diag(v) R^T`` (exact when R is a permutation, e.g. ``coordinates``; non-negative always)."""
+        r = r.to(state["exp_avg"].dtype)
         state["exp_avg"] = r @ state["exp_avg"]
         state["exp_avg_sq"] = (r * r) @ state["exp_avg_sq"]
 
@@ -77,10 +81,10 @@ class Adam(InnerRule):
         state["step"] += 1
         t = state["step"].item()
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(g, 1 - beta1)
+        m.lerp_(g.to(m.dtype), 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-        return (m / (1 - beta1 ** t)).div_(denom)
+        return (m / (1 - beta1 ** t)).div_(denom).to(g.dtype)
 
 
 class AdamW(Adam):
@@ -111,7 +115,7 @@ class AdamWHF(Adam):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        return (m / v.sqrt().add_(group["eps"])).mul_(self.gain(state, group))
+        return (m / v.sqrt().add_(group["eps"])).mul_(self.gain(state, group)).to(g.dtype)
 
     def gain(self, state: State, group: dict[str, Any]) -> float:
         beta1, beta2 = group["betas"]
@@ -136,7 +140,7 @@ class SGDMomentum(InnerRule):
         else:
             buf.mul_(mu).add_(g)
         state["step"] += 1
-        return g.add(buf, alpha=mu) if group["nesterov"] else buf
+        return g.add(buf, alpha=mu) if group["nesterov"] else buf.to(g.dtype)
 
 
 INNER_RULES: dict[str, type[InnerRule]] = {r.name: r for r in (Adam, AdamW, AdamWHF, SGDMomentum)}
