@@ -222,17 +222,36 @@ def test_param_counts():
     assert frozen == 4 * sum((min(m, n) - 8) * (m + n) for m, n in shapes)  # the full spectrum is stored
 
 
-def test_training_sst_lowers_the_loss(corpus):
+def _tiny(corpus):
+    return build_model("tiny", vocab_size=corpus.vocab_size, seed=0, num_hidden_layers=2)
+
+
+SMALL = dict(steps=8, batch_size=4, seq_len=32, warmup_steps=2, eval_batches=2, lr=3e-3)
+OPTIONS = {"rank": 16, "resample_every": 3, "resamples_per_svd": 2}  # draws after steps 3 and 6, re-SVD at 6
+
+
+def test_training_sst_in_bf16_lowers_the_loss(corpus):
     from rankwise.train import train
 
-    model = build_model("tiny", vocab_size=corpus.vocab_size, seed=0, num_hidden_layers=2)
-    small = dict(steps=12, batch_size=4, seq_len=32, warmup_steps=2, eval_batches=2, lr=3e-3)
-    result = train(quick_config(method="sst", method_options={"rank": 16, "resample_every": 4,
-                                                             "resamples_per_svd": 2}, **small),
-                   model=model, corpus=corpus)
-    m = result.metrics
-    assert m["final_eval_loss"] < m["initial_eval_loss"] - 0.2
-    assert math.isfinite(m["final_eval_loss"])
+    m = train(quick_config(method="sst", method_options=OPTIONS, dtype="bf16", **SMALL), model=_tiny(corpus),
+              corpus=corpus).metrics
+    assert m["final_eval_loss"] < m["initial_eval_loss"] - 0.2 and math.isfinite(m["final_eval_loss"])
+
+
+@pytest.mark.slow
+def test_resume_is_exact_across_a_draw_and_a_resvd(corpus, tmp_path):
+    from rankwise.train import train
+
+    full = train(quick_config(method="sst", method_options=OPTIONS, **SMALL), model=_tiny(corpus), corpus=corpus)
+    assert full.metrics["final_eval_loss"] < full.metrics["initial_eval_loss"] - 0.2
+    train(quick_config(method="sst", method_options=OPTIONS, out=str(tmp_path), stop_at=4, **SMALL),
+          model=_tiny(corpus), corpus=corpus)
+    resumed = train(quick_config(method="sst", method_options=OPTIONS, out=str(tmp_path), resume=str(tmp_path),
+                                 **SMALL), model=_tiny(corpus), corpus=corpus)
+    state, want = resumed.model.state_dict(), full.model.state_dict()
+    assert state.keys() == want.keys() and any(k.endswith(".perm") for k in want)
+    for key in want:
+        torch.testing.assert_close(state[key], want[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("options, message", [
