@@ -90,3 +90,19 @@ def test_training_lost_lowers_the_loss(corpus):
 def test_bad_options_raise_one_clear_error(options, message):
     with pytest.raises(RankwiseError, match=message):
         methods.get("lost", **options).prepare(build_model("tiny", device="meta"))
+
+
+@pytest.mark.parametrize("name", ["lost", "sst"])
+def test_plain_model_is_the_same_function_as_nn_linears(name):
+    from rankwise.models import plain_model
+
+    model = methods.get(name, rank=16).prepare(build_model("tiny", vocab_size=512, seed=0, num_hidden_layers=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        batch = torch.randint(0, 512, (2, 16))
+        before = model(input_ids=batch).logits
+        plain = plain_model(model)
+        assert not any(isinstance(m, ChannelSparseLowRankLinear) for m in plain.modules())
+        assert isinstance(plain.model.layers[0].mlp.down_proj, nn.Linear)
+        torch.testing.assert_close(plain(input_ids=batch).logits, before, rtol=1e-4, atol=1e-4)
