@@ -128,7 +128,8 @@ class SpectralLinear(nn.Module):
 
 def sampling_probabilities(sigma: torch.Tensor, uniform_mix: float) -> torch.Tensor:
     """``p_i = mix / k + (1 - mix) sigma_i / sum(sigma)``: SST's multinomial over the spectrum (``mix = 0``:
-    proportional to ``sigma``; the paper's v3 / ICML form mixes in the uniform with ``mix = 1/2``)."""
+    proportional to ``sigma``, as the abstract words it; the ICML 2025 text, as far as we could read it, writes
+    ``p(i) = (1/m + Sigma_i / sum_j Sigma_j) / 2``, i.e. ``mix = 1/2``)."""
     sigma = sigma.detach().double().clamp_min(0)
     uniform = torch.full_like(sigma, 1.0 / sigma.numel())
     total = sigma.sum()
