@@ -159,6 +159,9 @@ def test_sampling_frequencies_follow_the_singular_values(mix):
     chi2 = ((counts - n * p) ** 2 / (n * p)).sum().item()
     assert chi2 < 31.3  # chi-square with 11 degrees of freedom, p = 0.001
     assert all(len(set(row.tolist())) == 4 for row in draws[:200])
+    zeros = torch.cat([torch.zeros(9), torch.ones(3)])  # sigma clamped at 0: still `rank` distinct indices
+    picked = sample_active(zeros, 5, 0.0, round_generator(0, 0, 0))
+    assert picked.unique().numel() == 5 and set(picked[:3].tolist()) == {9, 10, 11}
     one = torch.stack([sample_active(sigma, 1, mix, round_generator(0, 0, t)) for t in range(3000)]).flatten()
     freq = torch.bincount(one, minlength=12).double() / 3000
     assert freq[-1] > freq[0] and (freq - p).abs().max() < 0.03

@@ -138,8 +138,10 @@ def sampling_probabilities(sigma: torch.Tensor, uniform_mix: float) -> torch.Ten
 
 def sample_active(sigma: torch.Tensor, rank: int, uniform_mix: float, generator: torch.Generator) -> torch.Tensor:
     """``rank`` distinct indices drawn from ``sampling_probabilities`` (multinomial without replacement, on CPU so
-    that a seed gives the same draw on every device)."""
+    that a seed gives the same draw on every device). Zero probabilities (``sigma_i = 0`` with ``mix = 0``) become
+    1e-30, so that ``rank`` distinct indices exist; they are drawn only once the rest is exhausted."""
     p = sampling_probabilities(sigma, uniform_mix).cpu()
+    p = torch.where(p > 0, p, torch.full_like(p, 1e-30))
     return torch.multinomial(p, rank, replacement=False, generator=generator).to(sigma.device)
 
 
