@@ -78,6 +78,8 @@ def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
         "relora": MethodSpec("relora", {"rank": rank, "reset_every": gap, "restart_warmup": warmup}),
         "sltrain": MethodSpec("sltrain", {"rank": rank}),
+        "sst": MethodSpec("sst", {"rank": rank, "resample_every": gap}),
+        "lost": MethodSpec("lost", {"rank": rank}),
     }
 
 
@@ -98,6 +100,8 @@ def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
         "relora": MethodSpec("relora", {"rank": rank, "reset_every": merge, "restart_warmup": rewarm}),
         "sltrain": MethodSpec("sltrain", {"rank": rank, "density": 0.03, "alpha": 32.0}, 3.0),
+        "sst": MethodSpec("sst", {"rank": rank, "resample_every": 200, "uniform_mix": 0.5}),
+        "lost": MethodSpec("lost", {"rank": rank, "sparsity": 0.05, "gamma": 0.5, "sparse_svd_rank": 256}),
     }
 
 

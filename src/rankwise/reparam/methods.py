@@ -8,13 +8,16 @@ ReLoRA's jagged re-warmup. All of it is a pure function of the step, so resume i
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..errors import RankwiseError
 from ..methods import Method, register
-from .layers import LowRankLinear, ReLoRALinear, SparseLowRankLinear
+from .layers import ChannelSparseLowRankLinear, LowRankLinear, ReLoRALinear, SparseLowRankLinear
 from .ops import check_rank, parse_targets, prune_state, refactorize, replace_linears, reset_state, target_linears
+from .sst import SpectralLinear, project_, resvd, round_generator, sample_active
 
 STATE_RESETS = ("magnitude", "random", "full")
 
@@ -130,6 +133,82 @@ class ReLoRAMethod(ReparamMethod):
         return (since + 1) / (self.restart_warmup + 1)
 
 
+class SSTMethod(ReparamMethod):
+    """Sparse Spectral Training (Zhao et al. 2024, arXiv 2405.15481, Algorithm 1) on ``reparam.sst.SpectralLinear``.
+
+    After every step: ``sst.project_`` (unit singular vectors, ``sigma >= 0``). Every ``resample_every`` steps (an
+    *iteration*, the paper's T3) a new active set is drawn per layer (``sst.sample_active``) and the optimizer state
+    of the active vectors is dropped (they start a fresh Adam, the paper's reset); every ``resamples_per_svd``
+    draws (a *round*; ``None``: ``ceil(min(m, n) / rank)``, so a round visits about every vector) the layer is
+    re-SVD'd first (``sst.resvd``) and ``sigma``'s state dropped too. The draws are a pure function of
+    (seed, layer, step), so resume is exact.
+    """
+
+    def __init__(self, rank: int, resample_every: int, resamples_per_svd: int | None, uniform_mix: float,
+                 enhanced_gradient: bool, seed: int, target: str):
+        if resample_every < 1:
+            raise RankwiseError(f"resample_every must be a positive number of steps, got {resample_every}")
+        if resamples_per_svd is not None and resamples_per_svd < 1:
+            raise RankwiseError(f"resamples_per_svd must be a positive number of draws (or unset for "
+                                f"ceil(min(m, n) / rank)), got {resamples_per_svd}")
+        if not 0 <= uniform_mix <= 1:
+            raise RankwiseError(f"uniform_mix must be in [0, 1] (0: proportional to sigma), got {uniform_mix}")
+        super().__init__(rank, target)
+        self.resample_every, self.resamples_per_svd = resample_every, resamples_per_svd
+        self.uniform_mix, self.enhanced_gradient, self.seed = uniform_mix, enhanced_gradient, seed
+
+    def build_layer(self, linear: nn.Linear, model: nn.Module) -> nn.Module:
+        return SpectralLinear(linear.weight, linear.bias, self.rank, self.enhanced_gradient)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        names = target_linears(model, self.targets, self.full_rank_ends)
+        check_rank(self.rank, [model.get_submodule(n) for n in names], full=True)
+        self.layers = replace_linears(model, names, lambda linear: self.build_layer(linear, model))
+        if self.layers[0].sigma.device.type != "meta":
+            self.resample(0)
+        return model
+
+    def round_length(self, layer: SpectralLinear) -> int:
+        return self.resamples_per_svd or math.ceil(layer.k / self.rank)
+
+    def resample(self, step: int) -> None:
+        """Draw every layer's active set for the iteration that starts after ``step``."""
+        t = step // self.resample_every
+        for i, layer in enumerate(self.layers):
+            active = sample_active(layer.sigma, self.rank, self.uniform_mix, round_generator(self.seed, i, t))
+            U, V = layer.spectrum()
+            layer.set_spectrum(U, layer.sigma.detach().clone(), V, active)
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        project_(self.layers)
+        if step % self.resample_every:
+            return
+        t = step // self.resample_every
+        due = [layer for layer in self.layers if t % self.round_length(layer) == 0]
+        resvd(due)
+        reset_state(optimizer, [layer.sigma for layer in due])
+        self.resample(step)
+        reset_state(optimizer, [p for layer in self.layers for p in (layer.U, layer.V)])
+
+
+class LOSTMethod(ReparamMethod):
+    def __init__(self, rank: int, sparsity: float, gamma: float, sparse_svd_rank: int, target: str):
+        if not 0 < sparsity < 1:
+            raise RankwiseError(f"sparsity (the fraction of input channels in the sparse part) must be in (0, 1), "
+                                f"got {sparsity}")
+        if not 0 <= gamma <= 1:
+            raise RankwiseError(f"gamma (the low-rank part's weight) must be in [0, 1], got {gamma}")
+        if sparse_svd_rank < 1:
+            raise RankwiseError(f"sparse_svd_rank must be a positive number of singular components, "
+                                f"got {sparse_svd_rank}")
+        super().__init__(rank, target)
+        self.sparsity, self.gamma, self.sparse_svd_rank = sparsity, gamma, sparse_svd_rank
+
+    def build_layer(self, linear: nn.Linear, model: nn.Module) -> nn.Module:
+        return ChannelSparseLowRankLinear(linear.weight, linear.bias, self.rank, self.sparsity, self.gamma,
+                                          self.sparse_svd_rank)
+
+
 @register("lowrank", "reparam", "W = B A trained from scratch (rank r); optional SVD refactorization + moment reset")
 def lowrank(rank: int = 128, target: str = "attn,mlp", full_rank_ends: int = 0, refactor_every: int = 0,
             reset_moments: bool = False) -> Method:
@@ -156,3 +235,20 @@ def sltrain(rank: int = 128, density: float = 0.03, alpha: float = 32.0, target:
     """SLTrain's ``SpLoRaModel``: the linears whose names contain attn / attention / mlp; ``trainable_scaling``
     trains ``tanh(c)`` in place of ``alpha / r``."""
     return SLTrainMethod(rank, density, alpha, target, trainable_scaling)
+
+
+@register("sst", "reparam", "Sparse Spectral Training: W = U diag(s) V^T, all s and r sampled vector pairs trained, "
+                            "resampled every resample_every steps, re-SVD each round")
+def sst(rank: int = 128, resample_every: int = 200, resamples_per_svd: int | None = None, uniform_mix: float = 0.5,
+        enhanced_gradient: bool = True, seed: int = 0, target: str = "attn,mlp") -> Method:
+    """SST (arXiv 2405.15481): ``rank`` active singular-vector pairs per layer (``rank = min(m, n)``: all of them);
+    ``uniform_mix=0`` samples proportionally to sigma, ``enhanced_gradient=false`` uses the plain chain rule."""
+    return SSTMethod(rank, resample_every, resamples_per_svd, uniform_mix, enhanced_gradient, seed, target)
+
+
+@register("lost", "reparam", "LOST: gamma B A + (1-gamma) channel-sparse W_s, split from the SVD of the init weight")
+def lost(rank: int = 128, sparsity: float = 0.05, gamma: float = 0.5, sparse_svd_rank: int = 256,
+         target: str = "attn,mlp") -> Method:
+    """LOST (arXiv 2508.02668): dominant rank-``rank`` SVD part + the ``sparsity`` fraction of input channels chosen
+    by the norm of the next ``sparse_svd_rank`` singular components; trained with AdamW."""
+    return LOSTMethod(rank, sparsity, gamma, sparse_svd_rank, target)
