@@ -13,8 +13,6 @@ rectangular k/v/gate/up/down), 36 steps, several switches per layer.
 from __future__ import annotations
 
 import copy
-import math
-
 import torch
 from ref_model import TOL, batches, loss_of, tiny_llama
 from torch import nn
@@ -94,23 +92,18 @@ class OracleLayer:
 
     @torch.no_grad()
     def adam(self, lr: float) -> None:
-        """StepAdamW on A (a step per row) and B (a step per column), one slice at a time."""
+        """StepAdamW on A (a step per row) and B (a step per column): the bias corrections broadcast per slice."""
         b1, b2, eps = 0.9, 0.999, 1e-8
         for name, mat in (("A", self.A), ("B", self.B)):
-            r = RANK
             state = self.state.setdefault(name, {
-                "step": torch.zeros((r, 1) if name == "A" else (1, r)),
+                "step": torch.zeros((RANK, 1) if name == "A" else (1, RANK)),
                 "exp_avg": torch.zeros_like(mat), "exp_avg_sq": torch.zeros_like(mat)})
             mat.mul_(1 - lr * WD)
-            for i in range(r):
-                view = (lambda t: t[i]) if name == "A" else (lambda t: t[:, i])
-                view(state["step"]).add_(1)
-                t = view(state["step"]).item()
-                g = view(mat.grad)
-                m = view(state["exp_avg"]).mul_(b1).add_(g, alpha=1 - b1)
-                v = view(state["exp_avg_sq"]).mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = v.sqrt() / math.sqrt(1 - b2 ** t) + eps
-                view(mat).sub_(lr / (1 - b1 ** t) * m / denom)
+            t = state["step"].add_(1)
+            g = mat.grad
+            m = state["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+            v = state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            mat.sub_(lr / (1 - b1 ** t) * m / (v.sqrt() / (1 - b2 ** t).sqrt() + eps))
 
 
 class OracleModule(nn.Module):

@@ -62,7 +62,7 @@ class BenchPreset:
 
 # GaLore's convention: its lr is larger than full-rank's and the projected update is scaled by 0.25; in the CPU
 # presets galore/fira start (untuned) at 4x the base lr, so the projected matrices move at the base lr.
-def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
+def _cpu_methods(rank: int, gap: int, warmup: int, steps: int = 250) -> dict[str, MethodSpec]:
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
@@ -72,11 +72,14 @@ def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
         "relora": MethodSpec("relora", {"rank": rank, "reset_every": gap, "restart_warmup": warmup}),
         "sltrain": MethodSpec("sltrain", {"rank": rank}),
+        "switchlora": MethodSpec("switchlora", {"rank": rank, "descent_steps": max(1, steps // 10)}),
     }
 
 
-def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100) -> dict[str, MethodSpec]:
-    """Base lr 1e-3 (GaLore's full-rank baseline for 60M/130M); GaLore/Fira 1e-2 with scale 0.25; SLTrain 3e-3."""
+def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100,
+                 steps: int = 10_000) -> dict[str, MethodSpec]:
+    """Base lr 1e-3 (GaLore's full-rank baseline for 60M/130M); GaLore/Fira 1e-2 with scale 0.25; SLTrain 3e-3;
+    SwitchLoRA 2e-2 (its 350M script: ``--lr 0.02``, interval 40, descent rate 0.1 of the run's steps)."""
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
@@ -86,12 +89,14 @@ def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
         "relora": MethodSpec("relora", {"rank": rank, "reset_every": merge, "restart_warmup": rewarm}),
         "sltrain": MethodSpec("sltrain", {"rank": rank, "density": 0.03, "alpha": 32.0}, 3.0),
+        "switchlora": MethodSpec("switchlora", {"rank": rank, "interval": 40.0, "descent_steps": max(1, steps // 10),
+                                                "frozen_steps": 5}, 20.0),
     }
 
 
 def _c4(model: str, steps: int, rank: int, micro_batch: int, tokens: str) -> BenchPreset:
     return BenchPreset(model=model, steps=steps, batch_size=micro_batch, grad_accum=512 // micro_batch, seq_len=256,
-                       lr=1e-3, warmup_steps=steps // 10, methods=_gpu_methods(rank), eval_every=1000,
+                       lr=1e-3, warmup_steps=steps // 10, methods=_gpu_methods(rank, steps=steps), eval_every=1000,
                        eval_batches=max(1, 8192 // micro_batch), data="hf:allenai/c4:en", vocab_size=32000,
                        description=f"GaLore's C4 recipe, {steps} steps x 512 x 256 tokens ({tokens} in GaLore's "
                                    f"Table 2), rank {rank}; needs a GPU")
@@ -99,12 +104,12 @@ def _c4(model: str, steps: int, rank: int, micro_batch: int, tokens: str) -> Ben
 
 PRESETS: dict[str, BenchPreset] = {
     "tiny": BenchPreset(model="mini", steps=250, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=25,
-                        methods=_cpu_methods(rank=32, gap=50, warmup=10), eval_every=125, eval_batches=16,
+                        methods=_cpu_methods(rank=32, gap=50, warmup=10, steps=250), eval_every=125, eval_batches=16,
                         vocab_size=2048, seeds=3, budgets=("100%", "80%", "60%"),
                         description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 250 steps x "
                                     "2048 tokens, rank 32, 3 seeds; measured 22 min for 8 methods on 2 idle CPU cores"),
     "gpu-60m": BenchPreset(model="llama-60m", steps=400, batch_size=128, seq_len=256, lr=1e-3, warmup_steps=40,
-                           methods=_gpu_methods(128, gap=100, merge=200, rewarm=20), eval_every=100,
+                           methods=_gpu_methods(128, gap=100, merge=200, rewarm=20, steps=400), eval_every=100,
                            eval_batches=8, data="stdlib-code", vocab_size=8192, seeds=1,
                            description="GaLore's 60M model on the embedded stdlib-code corpus (offline, ~10 MB), "
                                        "128 x 256 "
