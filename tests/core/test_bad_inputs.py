@@ -128,6 +128,8 @@ CLI = [
     ("train-alpha-nan", ["train", "--method", "lora", "--alpha", "nan", "--out", "{out}"],
      "alpha must be a finite number", None),
     ("train-rank-0", ["train", "--method", "galore", "--rank", "0", "--out", "{out}"], "rank must be a positive", None),
+    ("train-switchlora-interval-below-frozen", ["train", "--method", "switchlora", "--opt", "interval=4", "--out",
+                                                "{out}"], "at least 2 x frozen_steps", None),
     ("train-rank-abc", ["train", "--method", "galore", "--opt", "rank=abc", "--out", "{out}"],
      "rank must be an integer", None),
     ("train-lora-rank-above-min-dim", ["train", "--preset", "{micro}", "--method", "lora", "--rank", "100000", *SMALL,
