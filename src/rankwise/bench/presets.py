@@ -7,7 +7,8 @@
 (``scripts/benchmark_c4/llama_*.sh``: total batch 512 sequences of 256 tokens, 10k / 20k / 60k / 100k steps, 10%
 warmup, bf16, GaLore lr 0.01 with scale 0.25 and update gap 200) with the ranks of GaLore's Table 2 (128 / 256 /
 256 / 512); ReLoRA's numbers are from its 60M script (merge every 1000 steps, 100 re-warmup steps), SLTrain's from
-its scripts (lr 0.003, delta 0.03, alpha 32). They need a GPU and ``datasets``. ``gpu-60m`` is GaLore's 60M model on
+its scripts (lr 0.003, delta 0.03, alpha 32), SwitchLoRA's from its 350M script (lr 0.02 = 20x full-rank's, interval
+40, 5 frozen steps, descent at 0.1 of the run). They need a GPU and ``datasets``. ``gpu-60m`` is GaLore's 60M model on
 the embedded stdlib-code corpus, for ``benchmarks/gpu_bench.sh`` (one GPU, minutes, offline).
 """
 

@@ -2,8 +2,10 @@
 
 ``prepare`` swaps the target linears (attention and MLP projections of the transformer blocks) for the
 parameterized layers; embeddings, LM head and norms stay dense and trainable. The optimizer is the baseline AdamW
-on the trainable parameters. ``after_step`` refactorizes / merges and resets optimizer state; ``lr_factor`` gives
-ReLoRA's jagged re-warmup. All of it is a pure function of the step, so resume is exact.
+on the trainable parameters (SwitchLoRA: ``SliceAdamW``, the same rule with a step per rank vector). ``after_step``
+refactorizes / merges and resets optimizer state; ``lr_factor`` gives ReLoRA's jagged re-warmup; SwitchLoRA switches
+in a step pre-hook. All of it is a pure function of the step (and of the method's saved generator), so resume is
+exact.
 """
 
 from __future__ import annotations
