@@ -202,3 +202,31 @@ def test_training_on_the_corpus_lowers_the_loss_and_resumes_bit_exactly(corpus, 
     assert isinstance(layer, SwitchLoRALinear)
     assert layer.selected_A.tolist() != list(range(256 - 16, 256))  # it switched during the run
     assert not math.isnan(resumed.metrics["final_eval_loss"])
+
+
+def test_slice_adamw_is_adamw_and_a_reset_slice_restarts_like_a_fresh_adam():
+    from rankwise.reparam import SliceAdamW
+
+    g = torch.Generator().manual_seed(0)
+    a = nn.Parameter(torch.randn(6, 5, generator=g))
+    plain = nn.Parameter(a.detach().clone())
+    ours = SliceAdamW([{"params": [a], "slice_dim": 0}], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([plain], lr=1e-2, weight_decay=0.1)
+    grads = [torch.randn(6, 5, generator=g) for _ in range(6)]
+    for grad in grads[:3]:
+        a.grad, plain.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, plain, rtol=0, atol=1e-6)
+    assert ours.state[a]["step"].shape == (6, 1) and ours.state[a]["step"].eq(3).all()
+    with torch.no_grad():  # restart row 2: moments and its own step
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            ours.state[a][key][2].zero_()
+    row = nn.Parameter(a.detach()[2:3].clone())
+    fresh = torch.optim.AdamW([row], lr=1e-2, weight_decay=0.1)
+    for grad in grads[3:]:
+        a.grad, row.grad = grad.clone(), grad[2:3].clone()
+        ours.step()
+        fresh.step()
+    torch.testing.assert_close(a[2:3], row, rtol=0, atol=1e-6)
+    assert ours.state[a]["step"].flatten().tolist() == [6, 6, 3, 6, 6, 6]

@@ -27,6 +27,14 @@ class SliceAdamW(torch.optim.Optimizer):
             return ()
         return (p.shape[0], 1) if dim == 0 else (1, p.shape[1])
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch keeps a loaded ``step`` where the checkpoint put it (the CPU); the slice steps live with their
+        parameters (a switch masks them in place before the update)."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "step" in state and state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -45,8 +53,6 @@ class SliceAdamW(torch.optim.Optimizer):
                                                 device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif state["step"].device != p.device:  # a checkpoint loaded on the CPU keeps its steps there
-                    state["step"] = state["step"].to(p.device)
                 states.append(state)
             grads = [p.grad for p in params]
             steps = [s["step"] for s in states]
