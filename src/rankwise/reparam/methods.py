@@ -20,7 +20,8 @@ from ..methods import Method, OptimConfig, register
 from .layers import LowRankLinear, ReLoRALinear, SparseLowRankLinear
 from .slice_adamw import SliceAdamW
 from .switchlora import SwitchLoRALinear, switch_count
-from .ops import check_rank, parse_targets, prune_state, refactorize, replace_linears, reset_state, target_linears
+from .ops import (check_rank, parse_targets, prune_state, refactorize, replace_linears, reset_slices, reset_state,
+                  target_linears)
 
 STATE_RESETS = ("magnitude", "random", "full")
 
@@ -195,14 +196,7 @@ class SwitchLoRAMethod(ReparamMethod):
             rows, cols = layer.switch(switch_count(self.rank, self.done, self.interval, self.descent_steps, u))
             slices += [(layer.lora_A, layer.frozen_A.unsqueeze(1)), (layer.lora_B, layer.frozen_B.unsqueeze(0))]
             resets += [cols.unsqueeze(1), rows.unsqueeze(0)]
-        moments, keep = [], []
-        for (p, _), reset in zip(slices, resets):
-            state = optimizer.state.get(p)
-            if state:
-                moments += [state["exp_avg"], state["exp_avg_sq"], state["step"]]
-                keep += [~reset] * 3
-        if moments:
-            torch._foreach_mul_(moments, keep)
+        reset_slices(optimizer, [p for p, _ in slices], [~reset for reset in resets])
         frozen = [f for _, f in slices]
         for f, reset in zip(frozen, resets):
             f.masked_fill_(reset, self.frozen_steps)
