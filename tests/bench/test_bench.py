@@ -74,7 +74,7 @@ def test_budget_keeps_only_methods_that_fit_the_planner():
 def test_resolve_applies_rank_and_steps_and_validates():
     preset, entries = resolve(BenchConfig(steps=30, rank=8))
     assert [e.label for e in entries] == ["full", "galore", "fira", "frugal", "lowrank", "lowrank-rr", "relora",
-                                          "sltrain"]
+                                          "sltrain", "switchlora"]
     assert preset.steps == 30 and preset.warmup_steps == 3  # the preset's 10% warmup
     assert entries[0].spec.options == {} and all(e.spec.options["rank"] == 8 for e in entries[1:])
     assert entries[1].spec.lr_mult == 4.0 and entries[1].spec.lr_scale == 1.0  # GaLore's untuned lr: 4x base
