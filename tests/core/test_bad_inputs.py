@@ -130,6 +130,8 @@ CLI = [
     ("train-rank-0", ["train", "--method", "galore", "--rank", "0", "--out", "{out}"], "rank must be a positive", None),
     ("train-state-bits-3", ["train", "--method", "galore-8bit", "--opt", "state_bits=3", "--out", "{out}"],
      "state_bits must be 8, 4 or None", None),
+    ("train-switchlora-interval-below-frozen", ["train", "--method", "switchlora", "--opt", "interval=4", "--out",
+                                                "{out}"], "at least 2 x frozen_steps", None),
     ("train-rank-abc", ["train", "--method", "galore", "--opt", "rank=abc", "--out", "{out}"],
      "rank must be an integer", None),
     ("train-lora-rank-above-min-dim", ["train", "--preset", "{micro}", "--method", "lora", "--rank", "100000", *SMALL,

@@ -115,6 +115,20 @@ def reset_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]
 
 
 @torch.no_grad()
+def reset_slices(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], keep: list[torch.Tensor]) -> None:
+    """Zero the optimizer state of ``params`` where ``keep`` (a bool mask broadcastable to each) is False: every state
+    tensor of the parameter's rank (moments, and ``SliceAdamW``'s per-slice steps), in one ``_foreach_mul_``."""
+    tensors, masks = [], []
+    for p, k in zip(params, keep):
+        for v in (optimizer.state.get(p) or {}).values():
+            if torch.is_tensor(v) and v.dim() == p.dim():
+                tensors.append(v)
+                masks.append(k)
+    if tensors:
+        torch._foreach_mul_(tensors, masks)
+
+
+@torch.no_grad()
 def prune_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], ratio: float,
                 mode: str = "magnitude") -> None:
     """Zero a fraction ``ratio`` of every parameter-shaped state tensor of ``params`` (ReLoRA's partial reset).
