@@ -3,9 +3,11 @@
 Every method trains all parameters (full-parameter training); only the optimizer changes. ``cfg.lr``,
 ``weight_decay`` and ``betas`` come from the loop's ``OptimConfig``; options come from the CLI (``--rank``,
 ``--update-gap``, ``--scale``, ``--opt KEY=VALUE``, e.g. ``--opt state_bits=8`` for 8-bit moments in any of them).
+Every projection method takes ``stagger`` (``--opt stagger=true``): its matrices refresh at staggered steps
+instead of all at once (``SplitOptimizer``), off by default.
 
 eps: the ``eps`` option if given (``--opt eps=1e-8``); else the preset's reference default where it has one
-(``galore``, ``fira``: 1e-6, as galore-torch's and Fira's AdamW); else the loop's ``cfg.eps`` (torch's 1e-8). So
+(``galore``, ``fira``, ``apollo``, ``apollo-mini``: 1e-6, as galore-torch's, Fira's and apollo-torch's AdamW); else the loop's ``cfg.eps`` (torch's 1e-8). So
 ``OptimConfig.eps`` — which the training loop never sets, and the HF integration fills from ``adam_epsilon`` — does
 not silently replace a reference default; pass the option to change it.
 """
@@ -42,7 +44,7 @@ class SplitMethod(Method):
 @register("galore", "optim", "GaLore: AdamW in the top-r SVD subspace of each gradient, residual dropped")
 def galore(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
            moments: str = "keep", inner: str = "adamw_hf", eps: float | None = None, layerwise: bool = False,
-           include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None) -> Method:
+           include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None, stagger: bool = False) -> Method:
     """galore-torch 1.0's GaLoreAdamW; ``projector="rsvd"``, ``moments="rotate"``, ``inner="adamw"`` are rankwise's
     options beyond it (docs/fidelity-galore-fira.md)."""
     return SplitMethod("galore", **locals())
@@ -67,16 +69,34 @@ def adamw_8bit(state_bits: int = 8, eps: float | None = None, layerwise: bool = 
 def fira(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
          moments: str = "keep", inner: str = "adamw_hf", residual: str = "fira", eps: float | None = None,
          layerwise: bool = False, include_embeddings: bool = False, seed: int = 0,
-         state_bits: int | None = None) -> Method:
+         state_bits: int | None = None, stagger: bool = False) -> Method:
     """fira 1.0.2's FiraAdamW; ``residual="fira_exact"`` (residual G - P P^T G) and GaLore's options beyond it."""
     return SplitMethod("fira", **locals())
+
+
+@register("apollo", "optim", "APOLLO: the raw gradient scaled per channel by a random-projection low-rank Adam's ratio")
+def apollo(rank: int = 256, update_gap: int = 200, scale: float = 1.0, projector: str = "gaussian",
+           residual: str = "apollo", moments: str = "keep", inner: str = "adamw_hf", eps: float | None = None,
+           layerwise: bool = False, include_embeddings: bool = False, seed: int = 0, stagger: bool = False) -> Method:
+    """apollo-torch's ``APOLLOAdamW`` with ``scale_type="channel"`` (arXiv 2412.05270): ``scale`` is its ``scale``
+    (the update is multiplied by sqrt(scale)); ``residual="apollo_tensor"`` is its tensor-wise scaling."""
+    return SplitMethod("apollo", **locals())
+
+
+@register("apollo-mini", "optim", "APOLLO-Mini: the raw gradient scaled tensor-wise from a rank-1 random-projection Adam")
+def apollo_mini(rank: int = 1, update_gap: int = 200, scale: float = 128.0, projector: str = "gaussian",
+                residual: str = "apollo_tensor", moments: str = "keep", inner: str = "adamw_hf",
+                eps: float | None = None, layerwise: bool = False, include_embeddings: bool = False,
+                seed: int = 0, stagger: bool = False) -> Method:
+    """apollo-torch's ``APOLLOAdamW`` with ``scale_type="tensor"``, rank 1, scale 128 (the update times sqrt(128))."""
+    return SplitMethod("apollo-mini", **locals())
 
 
 @register("frugal", "optim", "FRUGAL: AdamW on a density fraction of the tensors (or a subspace), signSGD on the rest")
 def frugal(projector: str = "block", density: float | None = 0.25, rank: int | None = None, update_gap: int = 200,
            block_order: str = "sample", residual: str = "signsgd", proj_params_lr_scale: float = 1.0,
            inactive_lr_scale: float = 1.0, moments: str = "reset", layerwise: bool = False,
-           include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None) -> Method:
+           include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None, stagger: bool = False) -> Method:
     """FRUGAL's options by their names there: ``projector`` block (``--optimizer frugal`` = ``block_adamw``), svd /
     random / coordinates (``galore_adamw`` with proj_type svd / random / randperm) or columns / rows / randk
     (``coord_adamw``, the fine-tuning ``frugal``); ``residual`` = ``inactive_update_rule`` (signsgd, sgd, drop);
@@ -87,7 +107,7 @@ def frugal(projector: str = "block", density: float | None = 0.25, rank: int | N
     options = dict(projector=projector, density=density, update_gap=update_gap, block_order=block_order,
                    residual=residual, scale=proj_params_lr_scale,
                    residual_lr_scale=proj_params_lr_scale * inactive_lr_scale, moments=moments, layerwise=layerwise,
-                   include_embeddings=include_embeddings, seed=seed, state_bits=state_bits)
+                   include_embeddings=include_embeddings, seed=seed, state_bits=state_bits, stagger=stagger)
     if projector not in ("block", "layers"):
         options["blocks"] = "linears"
     return SplitMethod("frugal", **options, **({} if rank is None else {"rank": rank}))
@@ -116,5 +136,5 @@ def split(projector: str = "svd", inner: str = "adamw", residual: str = "drop", 
           power_iters: int = 2, oversample: int = 8, block_order: str = "ascending", active_blocks: int = 1,
           density: float | None = None, block_phase: int = 0, momentum: float = 0.9, eps: float | None = None,
           layerwise: bool = False, include_embeddings: bool = False, seed: int = 0,
-         state_bits: int | None = None) -> Method:
+         state_bits: int | None = None, stagger: bool = False) -> Method:
     return SplitMethod("split", **locals())

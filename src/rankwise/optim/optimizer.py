@@ -7,7 +7,8 @@ For a projected 2-D parameter with gradient G (canonical orientation Gt, (d, D),
     u = inner(g)                                 (r, D)   stateful direction (Adam/AdamW/SGD-momentum)
     W <- W - lr * scale * P u                             GaLore's update, alpha = ``scale``
     W <- W - lr * residual_lr_scale * rho(Gt - P g)       residual rule rho: drop / fira / signsgd / sgd
-                                                          (Fira's code subtracts scale * P g instead)
+                                                          (Fira's code subtracts scale * P g instead; APOLLO's
+                                                          rho scales Gt itself, and replaces the P u update)
 
 Block selectors (``block``, ``layers``) replace P by all-or-nothing per parameter: a selected block gets the inner
 rule on its full gradient (times ``scale``), the others only the residual rule; with ``residual="drop"`` an inactive
@@ -41,40 +42,39 @@ from ..errors import RankwiseError
 from . import lowbit
 from .blocks import BLOCK_SELECTORS, ORDERS, make_selector
 from .projectors import COORDINATE_SUBSETS, PROJECTORS, Projector, canonical, make_projector
+from .projectors import mix as _mix
 from .rules import INNER_RULES, RESIDUAL_RULES, InnerRule, make_inner, make_residual
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
-
-
-def _mix(*xs: int) -> int:
-    """A deterministic seed from integers (period, param index, user seed)."""
-    h = 0
-    for x in xs:
-        h = (h * 0x9E3779B97F4A7C15 + x + 0x632BE59BD9B4E019) % (1 << 61)
-    return h
 
 
 class SplitOptimizer(torch.optim.Optimizer):
     """Low-rank / block-sparse stateful updates plus a state-free residual, as a ``torch.optim.Optimizer``.
 
     Args (all also valid as param-group keys):
-        projector: ``svd``, ``rsvd``, ``random``, ``coordinates`` (per matrix, canonical orientation), ``randk``,
-            ``columns``, ``rows`` (coordinate subsets of the gradient) or ``block``, ``layers`` (per block).
+        projector: ``svd``, ``rsvd``, ``random``, ``gaussian`` (APOLLO's), ``coordinates`` (per matrix, canonical
+            orientation), ``randk``, ``columns``, ``rows`` (coordinate subsets of the gradient) or ``block``,
+            ``layers`` (per block).
         inner: ``adamw`` (torch's arithmetic), ``adamw_hf`` (transformers', as in galore-torch / Fira), ``adam`` or
             ``sgd`` (momentum) — the stateful rule.
-        residual: ``drop``, ``fira`` (Fira's code), ``fira_exact`` (its residual is G - P P^T G), ``signsgd`` or
-            ``sgd`` — the rule on the part outside the subspace.
+        residual: ``drop``, ``fira`` (Fira's code), ``fira_exact`` (its residual is G - P P^T G), ``signsgd``,
+            ``sgd`` — the rule on the part outside the subspace — or ``apollo`` / ``apollo_tensor`` (APOLLO's
+            channel- / tensor-wise scaling of the raw gradient, times sqrt(``scale``), instead of ``scale * P u``).
         rank: subspace dimension r, 1 <= r <= min(m, n) for every projected matrix.
         density: FRUGAL's rho, instead of ``rank``/``active_blocks`` when set: rank = round(rho min(m, n)) per matrix;
             int(rho length) entries / columns / rows for coordinate subsets; round(rho n) of the n blocks.
         update_gap: steps between refreshes of the subspace / block selection (GaLore's ``update_proj_gap``).
-        scale: multiplier alpha of the back-projected inner update (GaLore's ``scale``; 0.25 in its recipe).
+        scale: multiplier alpha of the back-projected inner update (GaLore's ``scale``; 0.25 in its recipe); for
+            ``apollo`` rules apollo-torch's ``scale``, the update times sqrt(scale).
         moments: on refresh, ``keep`` (GaLore, Fira), ``reset`` (FRUGAL, BAdam) or ``rotate`` into the new
             basis (m <- R m, v <- (R*R) v, R = P_new^T P_old). Block selectors: ``reset`` frees an inactive block's
             moments, ``keep`` leaves them untouched until it is selected again (LISA).
         residual_lr_scale: residual learning rate / lr (FRUGAL's ``inactive_lr_scale``).
         lr, betas, eps, weight_decay, momentum, nesterov: as in ``torch.optim`` (decoupled decay for ``adamw``,
             after the update for ``adamw_hf``).
+        stagger: refresh the group's projected matrices at staggered steps (the j-th of n at t = j * gap // n
+            (mod gap), and at t = 0) instead of all at once: the refresh work (SVDs) is spread over the steps, no
+            step-time spike every ``update_gap`` steps; off in every preset (their references refresh together).
         power_iters, oversample: ``rsvd`` settings. block_order (``blocks.ORDERS``), active_blocks: block selector
             settings; block_phase: steps by which the first period is shorter (at most update_gap - 1; BAdam's
             switch after step k when (k + 1) % switch_block_every == 0 is phase 1). seed: seeds random bases,
@@ -94,9 +94,11 @@ class SplitOptimizer(torch.optim.Optimizer):
                  weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, moments: str = "keep",
                  residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
                  block_order: str = "ascending", active_blocks: int = 1, block_phase: int = 0, seed: int = 0,
-                 project: bool = True, state_bits: int | None = None, layerwise: bool = False):
+                 project: bool = True, state_bits: int | None = None, stagger: bool = False,
+                 layerwise: bool = False):
         self._index: dict[nn.Parameter, int] = {}
         self._block: dict[nn.Parameter, int] = {}
+        self._slot: dict[nn.Parameter, tuple[int, int]] = {}  # (j, n): j-th of the group's n refreshed matrices
         self._group_of: dict[nn.Parameter, dict[str, Any]] = {}
         self._selection: dict[int, tuple[int, set[int]]] = {}  # id(group) -> (period, active block ids)
         defaults = dict(projector=projector, inner=inner, residual=residual, rank=rank, update_gap=update_gap,
@@ -104,7 +106,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                         momentum=momentum, nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
                         power_iters=power_iters, oversample=oversample, block_order=block_order,
                         active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project,
-                        state_bits=state_bits)
+                        state_bits=state_bits, stagger=stagger)
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self._hooks = []
@@ -143,6 +145,9 @@ class SplitOptimizer(torch.optim.Optimizer):
                     raise RankwiseError(f"projector {group['projector']!r} keeps {k} of the {length} "
                                         f"{sub.unit} of {label} (shape {tuple(p.shape)}); it must keep between 1 and "
                                         f"{length}: change rank or density")
+        refreshed = [p for p in group["params"] if self._projected(p, group) and group["projector"] not in
+                     BLOCK_SELECTORS]
+        self._slot.update({p: (j, len(refreshed)) for j, p in enumerate(refreshed)})
         ids = group.get("block_ids") or sorted(set(blocks))
         if not set(blocks) <= set(ids):
             raise RankwiseError(f"param group 'blocks' has ids {sorted(set(blocks) - set(ids))} missing from its "
@@ -186,6 +191,11 @@ class SplitOptimizer(torch.optim.Optimizer):
         if kind is not None and RESIDUAL_RULES[group["residual"]].needs_subspace:
             raise RankwiseError(f"residual {group['residual']!r} needs a subspace projector "
                                 f"({', '.join(PROJECTORS)}), not the {kind} {group['projector']!r}")
+        if not isinstance(group["stagger"], bool):
+            raise RankwiseError(f"stagger must be True or False, got {group['stagger']!r}")
+        if group["projector"] in BLOCK_SELECTORS and group["stagger"]:
+            raise RankwiseError(f"stagger spreads the refreshes of projected matrices; the block selector "
+                                f"{group['projector']!r} switches all blocks at once: use block_phase to shift it")
         if group["projector"] in BLOCK_SELECTORS and group["moments"] == "rotate":
             raise RankwiseError(f"block selector {group['projector']!r} has no basis to rotate moments into: use "
                                 "moments='reset' (free an inactive block's moments) or 'keep' (keep them)")
@@ -272,6 +282,16 @@ class SplitOptimizer(torch.optim.Optimizer):
         lowbit.pack(state, inner.moments, inner.unsigned, transposed, group.get("state_bits"))
         state["updates"] = t + 1
 
+    def _schedule(self, p: torch.Tensor, group: dict[str, Any], t: int) -> tuple[bool, int]:
+        """(refresh at update ``t``?, period) of a projected matrix or coordinate subset: every ``update_gap`` steps
+        from update 0; with ``stagger``, the j-th of the group's n such params refreshes at updates t = o_j + k gap,
+        o_j = j * gap // n (and at update 0, when it has no basis yet), so refreshes spread over the gap."""
+        gap = group["update_gap"]
+        j, n = self._slot[p]
+        shift = -(j * gap // n) % gap if group.get("stagger") else 0  # .get: checkpoints from before the option
+        period, offset = divmod(t + shift, gap)
+        return t == 0 or offset == 0, period
+
     @staticmethod
     def _period(group: dict[str, Any], t: int) -> tuple[int, int]:
         """(period, step within it) of update ``t`` (0-based) for a block selector, with ``block_phase``."""
@@ -320,12 +340,11 @@ class SplitOptimizer(torch.optim.Optimizer):
         ``update_gap`` steps a random index set S is drawn; u = inner(G_S); W_S <- W_S - lr * scale * u and
         W <- W - lr * residual_lr_scale * rho(G with G_S = 0)."""
         sub = COORDINATE_SUBSETS[group["projector"]]
-        refresh = t % group["update_gap"] == 0
+        refresh, period = self._schedule(p, group, t)
         if refresh:
             old = state.get("index")
             k = sub.count(p.shape, group["rank"], group["density"])
-            state["index"] = sub.pick(p.shape, k, _mix(group["seed"], self._index[p], t // group["update_gap"]),
-                                      g.device)
+            state["index"] = sub.pick(p.shape, k, _mix(group["seed"], self._index[p], period), g.device)
         idx = state["index"]
         low = sub.down(g, idx)
         if "step" not in state:
@@ -348,12 +367,12 @@ class SplitOptimizer(torch.optim.Optimizer):
             if group["projector"] == "rsvd" else {}))
         gt = canonical(g)
         d = gt.shape[0]
-        refresh = t % group["update_gap"] == 0
+        refresh, period = self._schedule(p, group, t)
         old = None
         if refresh:
             if group["moments"] == "rotate" and "step" in state:
                 old = proj.dense(proj.handle(state, gt), d)
-            proj.refresh(p.grad, state, _mix(group["seed"], self._index[p], t // group["update_gap"]))
+            proj.refresh(p.grad, state, proj.seed(state, group["seed"], self._index[p], period))
         h = proj.handle(state, gt)
         low = proj.down(gt, h)
         if "step" not in state:
@@ -370,14 +389,16 @@ class SplitOptimizer(torch.optim.Optimizer):
         if group["residual"] != "drop":
             basis = proj.dense(h, d) if residual.needs_subspace else None
             c = residual.column_scale(gt, low, u, state, group, basis)
+        a = residual.inner_weight(group)
         if c is None:
-            pt.add_(proj.up(u, h, d), alpha=-lr * group["scale"])
+            pt.add_(proj.up(u, h, d), alpha=-lr * a)
             if group["residual"] != "drop":
                 pt.add_(residual.direction(proj.residual(gt, low, h), low, u, state, group), alpha=-lr * rls)
             return
         # linear residual rule: scale P u + rls (Gt - w P g) c = P (scale u - rls w g c) + rls Gt c
         w = residual.subspace_weight(group)
-        pt.add_(proj.up(u.mul(group["scale"]).sub_(low * c, alpha=rls * w), h, d), alpha=-lr)
+        if a or w:  # APOLLO: neither (the inner rule only feeds the scaling of Gt)
+            pt.add_(proj.up(u.mul(a).sub_(low * c, alpha=rls * w), h, d), alpha=-lr)
         if isinstance(c, torch.Tensor):
             pt.addcmul_(gt, c, value=-lr * rls)
         else:
@@ -389,8 +410,8 @@ class SplitOptimizer(torch.optim.Optimizer):
 
         Per parameter with element size s: a float32 ``step`` (4 B) with every set of moments; plain params
         k * numel * s (k = 2 for Adam/AdamW, 1 for SGD-momentum); projected (m, n), d = min, D = max:
-        basis d * r * s (svd, rsvd) / 0 (random: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
-        (+ max(4, s) B for ``fira``'s limiter); coordinate subsets: 8 B per kept index + k * kept entries * s + 4;
+        basis d * r * s (svd, rsvd) / 0 (random, gaussian: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
+        (+ max(4, s) B for the limiter of ``fira``, ``apollo``); coordinate subsets: 8 B per kept index + k * kept entries * s + 4;
         block selectors: k * numel * s + 4 for params of the blocks selected in ``period`` (``moments="keep"``: in
         any period up to ``period``), else 0. With ``state_bits``, each moment's ``numel * s`` is
         ``lowbit.moment_bytes`` of its shape in the param's orientation (codes + fp32 absmax per block, or fp32).
@@ -419,7 +440,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                     total += 8 * kept + k * lowbit.moment_bytes(sub.shape(p.shape, kept), s, bits) + 4
                 else:
                     d, big, r = min(p.shape), max(p.shape), self._rank(p, group)
-                    basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "coordinates": 8 * r}
+                    basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "gaussian": 0, "coordinates": 8 * r}
                     low = (big, r) if p.shape[0] >= p.shape[1] else (r, big)  # the param's orientation
                     total += basis[group["projector"]] + k * lowbit.moment_bytes(low, s, bits) + 4
                     total += max(4, s) * len(RESIDUAL_RULES[group["residual"]].state_keys)  # >= fp32 scalars
