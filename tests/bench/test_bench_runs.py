@@ -189,13 +189,3 @@ def test_run_lines_carry_the_eta_and_a_loaded_machine_marks_tokens_per_s(tmp_pat
     table = [line for line in md.splitlines() if line.startswith("| 1 | full |")]
     assert len(table) == 1 and table[0].count(" (loaded) |") == (load > os.cpu_count())
     assert (runner_report.LOADED_NOTE in md) == (load > os.cpu_count())
-
-
-def test_progress_eta_is_the_mean_finished_run_times_the_runs_left_over_the_runs_at_a_time():
-    p = runner.Progress(total=5, done=1, parallel=2, log=_quiet)  # one run resumed, not timed
-    assert p.eta() == "?"
-    assert p.finish(80.0).endswith("ETA 2m")  # 80 s x 3 left / 2 at a time = 120 s
-    assert p.finish(160.0).endswith("ETA 2m")  # 120 s x 2 / 2
-    assert p.finish(0.0).endswith("ETA 1m")  # 80 s x 1 / min(2, 1)
-    assert p.finish(90.0).endswith("ETA 0s") and p.done == p.total
-    assert [runner.duration(s) for s in (0.4, 59, 61, 3599, 3600 + 5 * 60)] == ["0s", "59s", "1m", "1h00m", "1h05m"]
