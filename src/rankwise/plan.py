@@ -317,14 +317,21 @@ def _largest_rank(base: Plan, config, options: dict[str, Any]) -> int | None:
 
 
 def compare(model: str = "llama-7b", rank: int | None = None, methods: list[str] | None = None,
-            **kwargs: Any) -> list[Plan]:
-    """``plan`` for every registered method (or ``methods``); ``rank`` goes to the methods that take one."""
+            progress: bool = False, **kwargs: Any) -> list[Plan]:
+    """``plan`` for every registered method (or ``methods``); ``rank`` goes to the methods that take one.
+    ``progress``: show the methods planned so far and the ETA on stderr (``rankwise.progress``)."""
+    from .progress import Progress
+
     names = methods or [m.name for m in methods_mod.available()
                         if not kwargs.get("quantize") or m.family in ("adapters", "moe")]  # a frozen base
     plans = []
-    for name in names:
-        takes_rank = "rank" in methods_mod.info(name).options()
-        plans.append(plan(model, name, rank=rank if takes_rank else None, **kwargs))
+    with Progress("plan --compare", len(names), unit="methods", bar=None if progress else False,
+                  plain=progress) as bar:
+        for name in names:
+            takes_rank = "rank" in methods_mod.info(name).options()
+            bar.describe(name)
+            plans.append(plan(model, name, rank=rank if takes_rank else None, **kwargs))
+            bar.finish(info=name)
     return plans
 
 

@@ -6,17 +6,18 @@ On a terminal a rich bar shows it live; otherwise (a log file, a pipe, a test) a
 last line is older than the last unit, so a redirected log stays short. The ETA is the mean time of the units done here (resumed units are not timed)
 times the units left, over the units that run at a time.
 
-    with Progress("analyze", total=len(layers), unit="layers") as progress:
-        for layer in layers:
-            ...
-            progress.finish(info=layer)
+    with Progress("compress", total=len(stages), unit="stages") as progress:
+        for name in stages:
+            with progress.stage(name):
+                ...
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 PLAIN_EVERY = 30.0
 
@@ -89,6 +90,13 @@ class Progress:
         if self.bar is not None:
             self.bar.update(self.task, info=info)
 
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """One unit of work named ``name``: shown while it runs, counted when it ends."""
+        self.describe(name)
+        yield
+        self.finish(info=name)
+
     def say(self, note: str = "") -> None:
         """One plain line: ``label: 3/10 layers (info), elapsed 5s, ETA 12s`` (plus ``note``)."""
         self.said, self.said_at = time.perf_counter(), self.done
@@ -98,8 +106,8 @@ class Progress:
             print(f"{self.label}: {self.done}/{self.total}{unit}{info}, {self.text()}{note}", file=self.stream,
                   flush=True)
 
-    def close(self) -> None:
-        if self.plain and self.said_at != self.done:
+    def close(self, final_line: bool = True) -> None:
+        if self.plain and final_line and self.said_at != self.done:
             self.say()
         self.plain = False
         if self.bar is not None:
@@ -109,5 +117,5 @@ class Progress:
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        self.close(final_line=kind is None)  # a failed job says so itself

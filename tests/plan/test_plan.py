@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -161,6 +162,8 @@ def test_cli_table_json_and_compare_chart(tmp_path, capsys):
     png = tmp_path / "compare.png"
     assert main(["plan", "--model", "tiny", "--rank", "8", "--seq", "64", "--compare", "--png", str(png),
                  "--methods", "full,galore,lora,lowrank"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert all(m in out for m in ("full", "galore", "lora", "lowrank"))
+    # progress on stderr (plain, not a terminal): the last method planned, the elapsed time, the ETA
+    assert re.search(r"^plan --compare: 4/4 methods \(lowrank\), elapsed \d+[sm], ETA 0s$", err, re.M), err
     assert png.stat().st_size > 10_000

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(result.json() if args.json else result.table())
         return 0
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    plans = compare(args.model, rank=args.rank, methods=names, **common)
+    plans = compare(args.model, rank=args.rank, methods=names, progress=True, **common)
     if args.png:
         bar_chart(plans, args.png)
     print(json.dumps([p.to_dict() for p in plans], indent=1) if args.json else compare_table(plans))
