@@ -189,3 +189,13 @@ def test_run_lines_carry_the_eta_and_a_loaded_machine_marks_tokens_per_s(tmp_pat
     table = [line for line in md.splitlines() if line.startswith("| 1 | full |")]
     assert len(table) == 1 and table[0].count(" (loaded) |") == (load > os.cpu_count())
     assert (runner_report.LOADED_NOTE in md) == (load > os.cpu_count())
+
+
+def test_bench_runs_log_into_their_own_folders(tmp_path):
+    pytest.importorskip("tensorboard")
+    from rankwise_testing import read_scalars
+
+    run_bench(BenchConfig(preset="micro", methods=["full"], seeds=1, steps=2, out=str(tmp_path), isolate=False,
+                          overrides={"log": "tensorboard"}), lambda _: None)
+    folders = list(tmp_path.glob("runs/*/*/seed*/tensorboard"))
+    assert len(folders) == 1 and [s for s, _ in read_scalars(folders[0])["train/loss"]] == [1, 2]
