@@ -42,9 +42,9 @@ from . import distributed
 from . import methods as methods_mod
 from .data import Batches, TokenizedCorpus, prepare
 from .errors import NonFiniteError, RankwiseError
+from .loggers import MetricLogger, check_logger
 from .methods import Method, OptimConfig
 from .metrics import PeakMemory, optimizer_state_bytes
-from .loggers import MetricLogger, check_logger
 from .models import PRESETS, TRAIN_CONFIG, build_model, count_params, load_pretrained, max_positions, model_tokenizer
 
 log = logging.getLogger("rankwise")
