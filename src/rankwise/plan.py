@@ -281,8 +281,8 @@ def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None,
 
 
 def _switches(base: Plan, config, options: dict[str, Any]) -> list[str]:
-    """What the switches that save memory (activation checkpointing, GaLore's layer-wise updates) would make of a
-    plan that does not fit: one line each, alone and together, with the total and whether it fits."""
+    """What the switches that save memory (activation checkpointing, GaLore's layer-wise updates, 8-bit optimizer
+    state) would make of a plan that does not fit: one line each, alone and together, with the total and whether it fits."""
     takes = methods_mod.info(base.method).options()
     layerwise = None
     if "layerwise" in takes and not options.get("layerwise"):
@@ -297,6 +297,11 @@ def _switches(base: Plan, config, options: dict[str, Any]) -> list[str]:
         choices.append(("--opt layerwise=true", layerwise + (act_ckpt if base.checkpointing else act)))
         if not base.checkpointing:
             choices.append(("--checkpointing --opt layerwise=true", layerwise + act_ckpt))
+    if "state_bits" in takes and not options.get("state_bits"):  # 8-bit optimizer state (rankwise.optim.lowbit)
+        counts, _, _, _ = _plan_weights(config, base.method, {**options, "state_bits": 8}, base.dtype, base.quantize)
+        choices.append(("--opt state_bits=8", sum(counts.values()) + (act_ckpt if base.checkpointing else act)))
+        if not base.checkpointing:
+            choices.append(("--checkpointing --opt state_bits=8", sum(counts.values()) + act_ckpt))
     lines = [f"with {flags}: {total / GIB:.2f} GiB, {'fits' if total <= base.budget else 'does NOT fit'}"
              for flags, total in choices]
     return lines or ["no memory switch left to try (activation checkpointing is on, the method has no layer-wise "

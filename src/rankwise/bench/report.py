@@ -136,7 +136,7 @@ def versions() -> dict[str, str]:
 
     info = {"rankwise": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "torch_threads": str(torch.get_num_threads()),
+            "torch_threads": str(torch.get_num_threads()),  # of this process; each run's: setup.threads_per_run
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -173,7 +173,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], bp, cfg, reference: dic
                                          f"{_CLAIMS_NOTE}\n")
     env = versions()
     setup = {"preset": cfg.preset, **{k: v for k, v in asdict(preset).items() if k != "methods"},
-             "seeds": bp.seeds, "match_memory": bp.budgets, "overrides": cfg.overrides}
+             "seeds": bp.seeds, "match_memory": bp.budgets, "overrides": cfg.overrides,
+             "threads_per_run": cfg.threads if cfg.isolate else env["torch_threads"]}
     ok = [r for r in rows if r.get("status") == "ok"]
     tokens = sorted({r["tokens"] for r in ok})
     lr_lines = ["| method | lr | from | tuned | fixed at the paper's value |", "|---|---|---|---|---|"]
