@@ -19,3 +19,12 @@ def perturb(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> None:
     for p in model.parameters():
         if p.requires_grad:
             p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``folder``: tag -> [(step, value)] (tensorboard's reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

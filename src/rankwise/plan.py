@@ -273,7 +273,39 @@ def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None,
                   budget_bytes, quantize=quantize)
     if budget_bytes is not None and "rank" in methods_mod.info(method).options():
         result.largest_rank = _largest_rank(result, config, options)
+        if result.largest_rank is None:
+            result.notes.append("no rank fits the budget, not even 1")
+    if budget_bytes is not None and not result.fits:
+        result.notes += _switches(result, config, options)
     return result
+
+
+def _switches(base: Plan, config, options: dict[str, Any]) -> list[str]:
+    """What the switches that save memory (activation checkpointing, GaLore's layer-wise updates, 8-bit optimizer
+    state) would make of a plan that does not fit: one line each, alone and together, with the total and whether it fits."""
+    takes = methods_mod.info(base.method).options()
+    layerwise = None
+    if "layerwise" in takes and not options.get("layerwise"):
+        counts, _, _, _ = _plan_weights(config, base.method, {**options, "layerwise": True}, base.dtype, base.quantize)
+        layerwise = sum(counts.values())
+    weights = sum(base.bytes[k] for k in ("weights_trainable", "weights_frozen", "gradients", "optimizer_state"))
+    act, act_ckpt = base.bytes["activations"], base.bytes["activations_checkpointed"]
+    choices = []
+    if not base.checkpointing:
+        choices.append(("--checkpointing", weights + act_ckpt))
+    if layerwise is not None:
+        choices.append(("--opt layerwise=true", layerwise + (act_ckpt if base.checkpointing else act)))
+        if not base.checkpointing:
+            choices.append(("--checkpointing --opt layerwise=true", layerwise + act_ckpt))
+    if "state_bits" in takes and not options.get("state_bits"):  # 8-bit optimizer state (rankwise.optim.lowbit)
+        counts, _, _, _ = _plan_weights(config, base.method, {**options, "state_bits": 8}, base.dtype, base.quantize)
+        choices.append(("--opt state_bits=8", sum(counts.values()) + (act_ckpt if base.checkpointing else act)))
+        if not base.checkpointing:
+            choices.append(("--checkpointing --opt state_bits=8", sum(counts.values()) + act_ckpt))
+    lines = [f"with {flags}: {total / GIB:.2f} GiB, {'fits' if total <= base.budget else 'does NOT fit'}"
+             for flags, total in choices]
+    return lines or ["no memory switch left to try (activation checkpointing is on, the method has no layer-wise "
+                     "updates): lower --batch / --seq or the rank"]
 
 
 def _largest_rank(base: Plan, config, options: dict[str, Any]) -> int | None:
@@ -317,14 +349,25 @@ def _largest_rank(base: Plan, config, options: dict[str, Any]) -> int | None:
 
 
 def compare(model: str = "llama-7b", rank: int | None = None, methods: list[str] | None = None,
-            **kwargs: Any) -> list[Plan]:
-    """``plan`` for every registered method (or ``methods``); ``rank`` goes to the methods that take one."""
+            progress: bool = False, **kwargs: Any) -> list[Plan]:
+    """``plan`` for every registered method (or ``methods``); ``rank`` goes to the methods that take one.
+    ``target`` goes to the methods that take one (the adapters). ``progress``: show the methods planned so far and
+    the ETA on stderr (``rankwise.progress``)."""
+    from .progress import Progress
+
     names = methods or [m.name for m in methods_mod.available()
                         if not kwargs.get("quantize") or m.family in ("adapters", "moe")]  # a frozen base
     plans = []
-    for name in names:
-        takes_rank = "rank" in methods_mod.info(name).options()
-        plans.append(plan(model, name, rank=rank if takes_rank else None, **kwargs))
+    target = kwargs.pop("target", None)
+    with Progress("plan --compare", len(names), unit="methods", bar=None if progress else False,
+                  plain=progress) as bar:
+        for name in names:
+            takes_rank = "rank" in methods_mod.info(name).options()
+            bar.describe(name)
+            extra = {"target": target} if target is not None and "target" in methods_mod.info(name).options() else {}
+            plans.append(plan(model, name, rank=rank if takes_rank else None,
+                              **{**kwargs, "options": {**kwargs.get("options", {}), **extra}}))
+            bar.finish(info=name)
     return plans
 
 

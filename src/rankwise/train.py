@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -41,6 +42,7 @@ from . import distributed
 from . import methods as methods_mod
 from .data import Batches, TokenizedCorpus, prepare
 from .errors import NonFiniteError, RankwiseError
+from .loggers import MetricLogger, check_logger
 from .methods import Method, OptimConfig
 from .metrics import PeakMemory, optimizer_state_bytes
 from .models import PRESETS, TRAIN_CONFIG, build_model, count_params, load_pretrained, max_positions, model_tokenizer
@@ -52,7 +54,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 # Settings a resumed run may change freely: they do not change what is computed (``steps``: see ``schedule_steps``).
 RESUME_FREE = frozenset({"steps", "stop_at", "out", "resume", "device", "parallel", "quiet", "checkpoint_every",
-                         "eval_every", "on_nonfinite", "overwrite", "extend", "allow_change", "schedule_steps"})
+                         "eval_every", "on_nonfinite", "overwrite", "extend", "allow_change", "schedule_steps",
+                         "log", "log_dir"})
 # Settings of one invocation, not of the run: a resumed run starts with their defaults.
 PER_CALL = ("stop_at", "out", "resume", "overwrite", "extend", "allow_change", "quiet")
 
@@ -61,7 +64,7 @@ _INTS = ("vocab_size", "steps", "batch_size", "grad_accum", "seq_len", "warmup_s
 _OPTIONAL_INTS = ("stop_at", "schedule_steps")
 _FLOATS = ("lr", "min_lr_ratio", "weight_decay", "grad_clip")
 _STRS = ("preset", "method", "data", "dtype", "device", "parallel", "on_nonfinite")
-_OPTIONAL_STRS = ("out", "resume")
+_OPTIONAL_STRS = ("out", "resume", "log", "log_dir")
 _BOOLS = ("quiet", "overwrite", "extend")
 
 
@@ -108,6 +111,8 @@ class TrainConfig:
     schedule_steps: int | None = None  # horizon of the cosine schedule; None: ``steps`` (a resumed run keeps its own)
     extend: bool = False  # with resume: stretch the schedule's horizon to the new ``steps`` (lr jumps; not exact)
     allow_change: tuple[str, ...] = ()  # with resume: settings that may differ from the run's (not bit-exact)
+    log: str | None = None  # also log to tensorboard / wandb (rankwise.loggers); metrics.jsonl is always written
+    log_dir: str | None = None  # where the logger writes (default: out)
 
     def validate(self) -> None:
         """Types and ranges of every field; one ``RankwiseError`` naming the field and the fix."""
@@ -498,6 +503,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     the run with a ``NonFiniteError`` naming the step and the tensor (``on_nonfinite="skip"``: the step's update is
     skipped and training goes on)."""
     cfg.validate()
+    check_logger(cfg.log)
+    if cfg.log and not (cfg.log_dir or cfg.out):
+        raise RankwiseError(f"--log {cfg.log} writes into the run folder: give --out (or log_dir)")
     paths.check_out_dir(cfg.out)
     resuming_here = bool(cfg.resume and cfg.out and Path(cfg.out).resolve() == Path(cfg.resume).resolve())
     if not resuming_here:  # every rank checks before any of them writes (setup is a rendezvous)
@@ -564,13 +572,19 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     if out.dir:
         corpus.save_tokenizer(out.dir)
     guard = _SigintGuard()
+    logger = (MetricLogger(cfg.log, cfg.log_dir or cfg.out, asdict(cfg))
+              if cfg.log and (dist is None or dist.main) else None)
     if initial_eval is None:
         initial_eval = evaluate(model, eval_data, device, cfg.dtype)
         if not math.isfinite(initial_eval):
             out.close()
+            if logger is not None:
+                logger.close()
             raise NonFiniteError(f"the initial eval loss is {initial_eval}: the model's weights are non-finite "
                                  f"({first_nonfinite(model.named_parameters()) or 'no parameter'} holds NaN/inf)")
         out.record({"step": 0, "eval_loss": initial_eval, "eval_ppl": perplexity(initial_eval)})
+        if logger is not None:
+            logger.log({"step": 0, "eval_loss": initial_eval, "eval_ppl": perplexity(initial_eval)})
 
     saved = start  # the step of the checkpoint on disk (0: none yet, or the one resumed from)
     writes = bool(cfg.out) and (out.dir is not None or dist is not None)  # this run writes checkpoints
@@ -623,6 +637,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
             history.append(row)
             out.record(row)
             pending = None
+        if logger is not None:
+            logger.log(row)
         if on_step:
             on_step(row)
         show(step, f"loss {row['loss']:.3f}  {tokens_done / train_time:,.0f} tok/s" if row["loss"] is not None
@@ -720,6 +736,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
             raise
         finally:
             out.close()
+            if logger is not None and sys.exc_info()[0] is not None:
+                logger.close()
     step = committed
     metrics = {
         "method": method.name, "preset": cfg.preset, "steps": step,
@@ -740,6 +758,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     if dist is not None:
         metrics.update(world_size=dist.world, parallel=dist.mode)
     out.write_json("metrics.json", metrics)
+    if logger is not None:
+        logger.finish(metrics)
+        logger.close()
     if out.dir:
         from .export import save_run_adapter
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ def test_analyze_writes_tables_json_and_figures(model_dir, tmp_path, capsys):
     out = tmp_path / "an"
     assert main(["analyze", "--model", model_dir, "--batches", "2", "--batch-size", "2", "--seq-len", "16",
                  "--rank", "4", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
+    # progress on stderr: weight spectra + 2 gradient batches + gradient spectra + attention limits + files
+    assert re.search(r"^analyze: 6/6 steps \(files\), elapsed \d+[sm], ETA 0s$", err, re.M), err
     assert "computational limits" in text and "0.attn.q_proj" in text
     result = json.loads((out / "analysis.json").read_text())
     assert result["batches"] == 2 and len(result["layers"]) == 14 and len(result["attention_limits"]) == 2
@@ -41,7 +44,9 @@ def test_compress_ratio_zero_keeps_ppl_and_ratio_half_writes_a_smaller_model(mod
     out = tmp_path / "small"
     assert main(["compress", "--model", model_dir, "--ratio", "0.5", "--min-ratio", "0.45", "--eval-batches", "1",
                  "--seq-len", "16", "--out", str(out), "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    text, err = capsys.readouterr()
+    res = json.loads(text)
+    assert re.search(r"^compress: 4/4 stages \(write\), elapsed \d+[sm], ETA 0s$", err, re.M), err
     assert res["params_after"] < res["params_before"] and res["lrc"]
     saved = json.loads((out / "welore.json").read_text())
     assert saved["ranks"] == res["ranks"]

@@ -201,11 +201,11 @@ def test_run_lines_carry_the_eta_and_a_loaded_machine_marks_tokens_per_s(tmp_pat
     assert (runner_report.LOADED_NOTE in md) == (load > os.cpu_count())
 
 
-def test_progress_eta_is_the_mean_finished_run_times_the_runs_left_over_the_runs_at_a_time():
-    p = runner.Progress(total=5, done=1, parallel=2, log=_quiet)  # one run resumed, not timed
-    assert p.eta() == "?"
-    assert p.finish(80.0).endswith("ETA 2m")  # 80 s x 3 left / 2 at a time = 120 s
-    assert p.finish(160.0).endswith("ETA 2m")  # 120 s x 2 / 2
-    assert p.finish(0.0).endswith("ETA 1m")  # 80 s x 1 / min(2, 1)
-    assert p.finish(90.0).endswith("ETA 0s") and p.done == p.total
-    assert [runner.duration(s) for s in (0.4, 59, 61, 3599, 3600 + 5 * 60)] == ["0s", "59s", "1m", "1h00m", "1h05m"]
+def test_bench_runs_log_into_their_own_folders(tmp_path):
+    pytest.importorskip("tensorboard")
+    from rankwise_testing import read_scalars
+
+    run_bench(BenchConfig(preset="micro", methods=["full"], seeds=1, steps=2, out=str(tmp_path), isolate=False,
+                          overrides={"log": "tensorboard"}), lambda _: None)
+    folders = list(tmp_path.glob("runs/*/*/seed*/tensorboard"))
+    assert len(folders) == 1 and [s for s, _ in read_scalars(folders[0])["train/loss"]] == [1, 2]

@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -161,9 +162,39 @@ def test_cli_table_json_and_compare_chart(tmp_path, capsys):
     png = tmp_path / "compare.png"
     assert main(["plan", "--model", "tiny", "--rank", "8", "--seq", "64", "--compare", "--png", str(png),
                  "--methods", "full,galore,lora,lowrank"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert all(m in out for m in ("full", "galore", "lora", "lowrank"))
+    # progress on stderr (plain, not a terminal): the last method planned, the elapsed time, the ETA
+    assert re.search(r"^plan --compare: 4/4 methods \(lowrank\), elapsed \d+[sm], ETA 0s$", err, re.M), err
     assert png.stat().st_size > 10_000
+
+
+def test_plan_takes_train_target_and_names_the_switches_that_would_fit(capsys):
+    from rankwise.plan import GIB, plan
+
+    qv = plan("tiny", "lora", rank=8, seq=64)
+    every = plan("tiny", "lora", rank=8, seq=64, options={"target": "all-linear"})
+    assert every.trainable_params == 8 * sum((i + o) for i, o in [(256, 256)] * 4 + [(256, 688)] * 2 +
+                                             [(688, 256)]) * 4 > qv.trainable_params
+    assert main(["plan", "--model", "tiny", "--method", "lora", "--rank", "8", "--seq", "64", "--target",
+                 "all-linear", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_params"] == every.trainable_params
+    # galore does not fit; the switches, each total equal to the plan with that switch
+    base = plan("llama-60m", "galore", rank=64, batch=8, seq=256)
+    ckpt = plan("llama-60m", "galore", rank=64, batch=8, seq=256, checkpointing=True)
+    layer = plan("llama-60m", "galore", rank=64, batch=8, seq=256, options={"layerwise": True})
+    both = plan("llama-60m", "galore", rank=64, batch=8, seq=256, checkpointing=True, options={"layerwise": True})
+    assert both.total < ckpt.total < base.total and both.total < layer.total
+    budget = (both.total + min(ckpt.total, layer.total)) // 2  # only both switches together fit
+    tight = plan("llama-60m", "galore", rank=64, batch=8, seq=256, budget=budget)
+    assert not tight.fits and {
+        f"with --checkpointing: {ckpt.total / GIB:.2f} GiB, does NOT fit",
+        f"with --opt layerwise=true: {layer.total / GIB:.2f} GiB, does NOT fit",
+        f"with --checkpointing --opt layerwise=true: {both.total / GIB:.2f} GiB, fits"} <= set(tight.notes)
+    eight = plan("llama-60m", "galore", rank=64, batch=8, seq=256, options={"state_bits": 8})
+    verdict = "fits" if eight.total <= budget else "does NOT fit"
+    assert f"with --opt state_bits=8: {eight.total / GIB:.2f} GiB, {verdict}" in tight.notes
+    assert plan("llama-60m", "galore", rank=64, batch=8, seq=256, budget=base.total).notes == []
 
 
 def test_switchlora_counts_its_candidate_pools_and_per_slice_steps():

@@ -1,5 +1,5 @@
 """The shared base of every adapter: a ``Parameterization`` of Delta W, and ``AdapterLinear``, which wraps an
-``nn.Linear`` and holds named parameterizations.
+``nn.Linear`` (or transformers' GPT-2 ``Conv1D``) and holds named parameterizations.
 
     y = W x + b + sum_{active, unmerged a} Delta W_a x        (dropout, if any, applies to x on the adapter path)
 
@@ -22,6 +22,44 @@ from torch import nn
 from ..errors import RankwiseError
 
 PARAMETERIZATIONS: dict[str, type["Parameterization"]] = {}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and relatives): ``y = x W + b`` with ``W`` stored ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "nf", None) is not None \
+        and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+
+
+class LinearView:
+    """A ``Conv1D`` seen as an ``nn.Linear``: ``weight`` is the ``(out, in)`` transpose view of the stored ``(in, out)``
+    weight (no copy: in-place writes such as a merge reach the ``Conv1D``), so every parameterization computes in the
+    ``nn.Linear`` convention. PEFT's ``fan_in_fan_out=True`` (peft/tuners/lora/layer.py, ``transpose``)."""
+
+    fan_in_fan_out = True
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight.t()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.weight.shape[1]
+
+
+def as_linear(layer: nn.Module) -> nn.Module | LinearView:
+    """``layer`` in the ``nn.Linear`` convention (weight ``(out, in)``): itself, or a ``LinearView`` of a ``Conv1D``."""
+    return LinearView(layer) if is_conv1d(layer) else layer
 
 
 def parameterization(name: str) -> Callable[[type["Parameterization"]], type["Parameterization"]]:
@@ -84,6 +122,7 @@ class Parameterization(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise RankwiseError(f"adapter dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.fan_in_fan_out = bool(getattr(base, "fan_in_fan_out", False))  # the base is a Conv1D (PEFT's field)
         self.r, self.alpha, self.dropout, self.rslora, self.seed = r, float(alpha), float(dropout), rslora, seed
         self.scaling = self.alpha / (math.sqrt(r) if rslora else r)
         self.options: dict[str, Any] = {}  # what ``adapters.apply`` was given (global seed), written to files
@@ -140,7 +179,8 @@ class Parameterization(nn.Module):
 
 
 class AdapterLinear(nn.Module):
-    """An ``nn.Linear`` (``base_layer``, frozen) plus named adapters (``adapters[name]``: ``Parameterization``).
+    """An ``nn.Linear`` or ``Conv1D`` (``base_layer``, frozen, kept as is) plus named adapters (``adapters[name]``:
+    ``Parameterization``), which see the base through ``linear`` (the ``nn.Linear`` convention).
 
     ``active`` adapters add their ``Delta W x``; ``merged`` ones are folded into ``base_layer.weight`` instead;
     ``disabled`` bypasses all unmerged adapters.
@@ -156,12 +196,17 @@ class AdapterLinear(nn.Module):
         self._merged_deltas: dict[str, torch.Tensor] = {}
 
     @property
+    def linear(self) -> nn.Module | LinearView:
+        """The base layer in the ``nn.Linear`` convention (weight ``(out, in)``)."""
+        return as_linear(self.base_layer)
+
+    @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.linear.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.linear.out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -178,19 +223,19 @@ class AdapterLinear(nn.Module):
         for name in self.active:
             if name not in self.merged:
                 a = self.adapters[name]
-                out = a(x, out, self.base_layer) if a.uses_base else a(x, out)
+                out = a(x, out, self.linear) if a.uses_base else a(x, out)
         return out
 
     def _delta(self, name: str) -> torch.Tensor:
         a = self.adapters[name]
-        return a.delta_weight(self.base_layer) if a.uses_base else a.delta_weight()
+        return a.delta_weight(self.linear) if a.uses_base else a.delta_weight()
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """``W <- W + Delta W`` (computed in fp32); the adapter stops contributing in ``forward``."""
         if name in self.merged:
             return
-        w = self.base_layer.weight
+        w = self.linear.weight
         delta = self._delta(name).float()
         if self.adapters[name].uses_base:  # it depends on W: keep it for an exact unmerge
             self._merged_deltas[name] = delta
@@ -201,7 +246,7 @@ class AdapterLinear(nn.Module):
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
-        w = self.base_layer.weight
+        w = self.linear.weight
         delta = self._merged_deltas.pop(name) if name in self._merged_deltas else self._delta(name).float()
         w.copy_((w.float() - delta).to(w.dtype))
         self.merged.remove(name)

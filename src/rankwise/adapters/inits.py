@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import RankwiseError
-from .base import AdapterLinear
+from .base import AdapterLinear, is_conv1d
 from .core import CoreLoRA
-from .inject import Target, adapter_layers, apply, find_targets
+from .inject import Target, adapter_layers, apply, base_linear, find_targets
 from .lora import LoRA
 
 
@@ -35,7 +35,7 @@ def _lora_layers(model: nn.Module, adapter_name: str, kind: type) -> dict[str, t
 
 @torch.no_grad()
 def _set_residual(layer: AdapterLinear, lora: LoRA, b0: torch.Tensor, a0: torch.Tensor) -> None:
-    w = layer.base_layer.weight
+    w = layer.linear.weight
     lora.set_residual_init(b0.to(w.dtype), a0.to(w.dtype))
     w.copy_((w.float() - lora.scaling * (b0 @ a0)).to(w.dtype))
 
@@ -44,21 +44,23 @@ def _set_residual(layer: AdapterLinear, lora: LoRA, b0: torch.Tensor, a0: torch.
 def init_pissa(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """PiSSA: the adapter holds the top-r singular part of each base weight, the base keeps the residual."""
     for layer, lora in _lora_layers(model, adapter_name, LoRA).values():
-        u, s, vh = torch.linalg.svd(layer.base_layer.weight.float(), full_matrices=False)
+        u, s, vh = torch.linalg.svd(layer.linear.weight.float(), full_matrices=False)
         root = (s[:lora.r] / lora.scaling).sqrt()
         _set_residual(layer, lora, u[:, :lora.r] * root, root[:, None] * vh[:lora.r])
     return model
 
 
 def calibration_gradients(model: nn.Module, batches: Iterable[torch.Tensor], paths: list[str]) -> dict[str, torch.Tensor]:
-    """Mean gradient of the LM loss w.r.t. the weight of each linear in ``paths`` (fp32), other params untouched."""
+    """Mean gradient of the LM loss w.r.t. the weight of each linear in ``paths`` (fp32, ``(out, in)`` also for a
+    ``Conv1D``), other params untouched."""
     from ..train import lm_loss
 
     batches = list(batches)
     if not batches:
         raise RankwiseError("gradient-based adapter inits need at least one calibration batch")
-    weights = {p: (model.get_submodule(p).base_layer if isinstance(model.get_submodule(p), AdapterLinear)
-                   else model.get_submodule(p)).weight for p in paths}
+    layers = {p: (model.get_submodule(p).base_layer if isinstance(model.get_submodule(p), AdapterLinear)
+                  else model.get_submodule(p)) for p in paths}
+    weights = {p: m.weight for p, m in layers.items()}
     saved = {id(q): (q.requires_grad, q.grad) for q in model.parameters()}
     for q in model.parameters():
         q.requires_grad_(False)
@@ -68,7 +70,8 @@ def calibration_gradients(model: nn.Module, batches: Iterable[torch.Tensor], pat
     try:
         for batch in batches:
             lm_loss(model, batch).div(len(batches)).backward()
-        grads = {p: w.grad.detach().float().clone() for p, w in weights.items()}
+        grads = {p: (w.grad.t() if is_conv1d(layers[p]) else w.grad).detach().float().clone()
+                 for p, w in weights.items()}
     finally:
         for q in model.parameters():
             q.requires_grad_(saved[id(q)][0])
@@ -87,7 +90,7 @@ def init_lora_ga(model: nn.Module, batches: Iterable[torch.Tensor] | None = None
         raise RankwiseError(f"lora-ga gamma must be > 0, got {gamma}")
     paths = find_targets(model, target)
     for p in paths:
-        layer = model.get_submodule(p)
+        layer = base_linear(model, p)
         if 2 * r > min(layer.in_features, layer.out_features):
             raise RankwiseError(f"lora-ga needs 2r <= min(in, out) of every target; {p} has "
                                 f"{layer.out_features} x {layer.in_features}, r = {r}")

@@ -6,7 +6,7 @@
 
 Targets: a list of names (a module matches when its full name equals one or ends with ``"." + name``, PEFT's rule),
 a comma-separated string of names, a regex (``re.fullmatch`` on the full module name), or ``"all-linear"`` (every
-``nn.Linear`` except the output layer). ``exclude`` (PEFT's ``exclude_modules``) takes the same forms and removes
+``nn.Linear`` and GPT-2 ``Conv1D`` except the output layer; PEFT's rule). ``exclude`` (PEFT's ``exclude_modules``) takes the same forms and removes
 modules from the targets.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 from torch import nn
 
 from ..errors import RankwiseError
-from .base import PARAMETERIZATIONS, AdapterLinear, Parameterization, layer_seed
+from .base import PARAMETERIZATIONS, AdapterLinear, LinearView, Parameterization, as_linear, is_conv1d, layer_seed
 
 Target = str | Sequence[str]
 BIAS_MODES = ("none", "all", "lora_only")
@@ -88,11 +88,12 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    """Names of every plain ``nn.Linear`` and every ``AdapterLinear`` (not the linear inside one)."""
+    """Names of every plain ``nn.Linear`` or ``Conv1D`` and every ``AdapterLinear`` (not the layer inside one)."""
     wrapped = {f"{n}.base_layer" for n in adapter_layers(model)}
     copies = tuple(f"{n}." for n in module_copies(model))
     return [n for n, m in model.named_modules()
-            if (isinstance(m, AdapterLinear) or type(m) is nn.Linear) and n not in wrapped and not n.startswith(copies)]
+            if (isinstance(m, AdapterLinear) or type(m) is nn.Linear or is_conv1d(m)) and n not in wrapped
+            and not n.startswith(copies)]
 
 
 def _matches(name: str, target: Target) -> bool:
@@ -134,7 +135,7 @@ def find_targets(model: nn.Module, target: Target, exclude: Target | None = None
     if not found:
         candidates = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise RankwiseError(f"target {target!r} matches no linear layer of {type(model).__name__}; candidate module "
-                            f"names: {', '.join(candidates) or 'none (the model has no nn.Linear)'} "
+                            f"names: {', '.join(candidates) or 'none (the model has no nn.Linear or Conv1D)'} "
                             "(or a regex on full names, or 'all-linear')" +
                             (f", once exclude={exclude!r} is applied" if exclude is not None else ""))
     return found
@@ -169,8 +170,9 @@ def check_patterns(options: dict[str, Any], paths: list[str]) -> None:
 RANK_AT_MOST_MIN_DIM = ("lora", "lora-xs")
 
 
-def build_parameterization(method: str, base: nn.Linear, options: dict[str, Any], path: str) -> Parameterization:
-    """``PARAMETERIZATIONS[method]`` for the linear ``base`` at ``path``; ``options["seed"]`` is the global seed;
+def build_parameterization(method: str, base: nn.Linear | LinearView, options: dict[str, Any],
+                           path: str) -> Parameterization:
+    """``PARAMETERIZATIONS[method]`` for the linear ``base`` at ``path`` (a ``Conv1D`` through ``as_linear``); ``options["seed"]`` is the global seed;
     ``options["rank_pattern"]`` / ``["alpha_pattern"]`` (PEFT's) override ``r`` / ``alpha`` per module."""
     method_class(method)
     kwargs = {k: v for k, v in options.items() if k not in ("rank_pattern", "alpha_pattern")}
@@ -208,7 +210,7 @@ def attach(model: nn.Module, name: str, modules: dict[str, Parameterization],
             layer = AdapterLinear(layer)
             model.set_submodule(path, layer)
         layer.adapters[name] = param
-        param.prepare_base(layer.base_layer)
+        param.prepare_base(layer.linear)
     set_adapter(model, name)
 
 
@@ -261,9 +263,10 @@ def copy_of(module: nn.Module) -> nn.Module:
     return copy.deepcopy(original).requires_grad_(True)
 
 
-def base_linear(model: nn.Module, path: str) -> nn.Linear:
+def base_linear(model: nn.Module, path: str) -> nn.Linear | LinearView:
+    """The (base) layer at ``path`` in the ``nn.Linear`` convention."""
     layer = model.get_submodule(path)
-    return layer.base_layer if isinstance(layer, AdapterLinear) else layer
+    return as_linear(layer.base_layer if isinstance(layer, AdapterLinear) else layer)
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -357,7 +360,7 @@ def _select(layer: AdapterLinear, names: str | Sequence[str] | None) -> list[str
 
 
 def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
-    """Merge (default: the active adapters) and put plain ``nn.Linear`` layers back; returns ``model``."""
+    """Merge (default: the active adapters) and put the plain base layers back; returns ``model``."""
     merge(model, names)
     for path, layer in adapter_layers(model).items():
         model.set_submodule(path, layer.base_layer)

@@ -62,7 +62,9 @@ def adapter_config(adapters: dict[str, Parameterization], base_model_name_or_pat
     if first.peft_type in (None, "LORA"):  # PEFT's VeraConfig / RandLoraConfig have no exclude_modules field
         common["exclude_modules"] = sorted(exclude) if isinstance(exclude, list) else exclude
     if first.peft_type:
-        return {"peft_type": first.peft_type, **common, "bias": "none", "fan_in_fan_out": False,
+        # PEFT sets fan_in_fan_out by the layer type (True for Conv1D) and writes it to the config
+        fan_in_fan_out = any(a.fan_in_fan_out for a in adapters.values())
+        return {"peft_type": first.peft_type, **common, "bias": "none", "fan_in_fan_out": fan_in_fan_out,
                 "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
                 **type(first).peft_fields(adapters)}
     return {"peft_type": "RANKWISE", "rankwise_method": first.kind, "rankwise_options": first.options, **common}

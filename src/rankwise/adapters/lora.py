@@ -37,7 +37,8 @@ from .base import Parameterization, parameterization
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 # LoraConfig fields (PEFT 0.21) rankwise does not implement, with the value that means "off"
-_UNSUPPORTED = {"fan_in_fan_out": False, "layers_to_transform": None, "use_qalora": False, "lora_bias": False,
+# (fan_in_fan_out is accepted either way: PEFT, like rankwise, sets it from the layer type, True for Conv1D)
+_UNSUPPORTED = {"layers_to_transform": None, "use_qalora": False, "lora_bias": False,
                 "trainable_token_indices": None, "layer_replication": None, "megatron_config": None,
                 "target_parameters": None, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
                 "kasa_config": None, "velora_config": None, "monteclora_config": None}

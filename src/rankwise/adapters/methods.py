@@ -23,6 +23,15 @@ from .lora import LoRA
 DEFAULT_TARGET = "q_proj,v_proj"
 
 
+def resolve_target(model: nn.Module, target: str) -> str:
+    """The default ``q_proj,v_proj`` (LoRA's W_q, W_v) on a model that has both; on one without them (GPT-2's fused
+    ``c_attn``, a plain MLP) every linear layer but the output (``all-linear``). Other targets are kept."""
+    if target != DEFAULT_TARGET:
+        return target
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return target if {"q_proj", "v_proj"} <= names else "all-linear"
+
+
 def resolve_rank(r: int | None, rank: int | None, default: int = 8) -> int:
     if r is not None and rank is not None and r != rank:
         raise RankwiseError(f"got both r={r} and rank={rank}; give one of --r / --rank")
@@ -54,19 +63,21 @@ class AdapterMethod(Method):
         return {"r": self.apply_options["r"]}
 
     def calibrate(self, model: nn.Module, batches: list[torch.Tensor]) -> None:
-        self.grads = calibration_gradients(model, batches, find_targets(model, self.apply_options["target"]))
+        target = resolve_target(model, self.apply_options["target"])
+        self.grads = calibration_gradients(model, batches, find_targets(model, target))
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        options = {**self.apply_options, "target": resolve_target(model, self.apply_options["target"])}
         if self.init in ("lora-ga", "lora-sb"):
             if self.grads is None:
                 raise RankwiseError(f"{self.init} initializes from gradients: it needs calibration batches "
                                     "(the training loop passes them; or call adapters.init_"
                                     f"{self.init.replace('-', '_')}(model, batches, ...) directly)")
             init = init_lora_ga if self.init == "lora-ga" else init_lora_sb
-            model = init(model, grads=self.grads, **self.apply_options, **self.init_options)
+            model = init(model, grads=self.grads, **options, **self.init_options)
             self.grads = None
             return model
-        apply(model, self.kind, **self.apply_options)
+        apply(model, self.kind, **options)
         if self.init == "pissa":
             init_pissa(model)
         return model

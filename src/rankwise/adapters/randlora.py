@@ -31,7 +31,8 @@ from ..errors import RankwiseError
 from .base import Parameterization, parameterization, shared
 from .lora import refuse_unsupported
 
-_UNSUPPORTED = {"fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None}
+# (fan_in_fan_out is accepted either way: PEFT, like rankwise, sets it from the layer type, True for Conv1D)
+_UNSUPPORTED = {"bias": "none", "modules_to_save": None, "layers_to_transform": None}
 
 
 def random_bases(key: int, r: int, mx: int, mn: int, sparse: bool = False,

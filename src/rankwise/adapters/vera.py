@@ -25,7 +25,8 @@ from ..errors import RankwiseError
 from .base import Parameterization, parameterization, shared
 from .lora import refuse_unsupported
 
-_UNSUPPORTED = {"fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None}
+# (fan_in_fan_out is accepted either way: PEFT, like rankwise, sets it from the layer type, True for Conv1D)
+_UNSUPPORTED = {"bias": "none", "modules_to_save": None, "layers_to_transform": None}
 
 
 def kaiming_bases(key: int, r: int, out_max: int, in_max: int) -> tuple[torch.Tensor, torch.Tensor]:

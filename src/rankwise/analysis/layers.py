@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import RankwiseError
+from ..progress import Progress
 from .spectra import batched_svdvals, batched_top_subspaces, principal_angles, spectrum_metrics, subspace_overlap
 
 METRICS = ("effective_rank", "energy90_rank", "energy99_rank", "stable_rank")
@@ -63,25 +64,29 @@ def _metric_rows(spectra: dict[str, torch.Tensor], prefix: str) -> dict[str, dic
 
 
 def analyze_model(model: nn.Module, batches: Iterable[torch.Tensor] | None = None, rank: int = 8,
-                  include_output: bool = False) -> LayerReport:
+                  include_output: bool = False, progress: Progress | None = None) -> LayerReport:
     """Weight spectra of every linear layer and, given ``batches``, gradient spectra and subspace drift.
 
     ``batches`` holds (B, T+1) token ids: inputs ``[:, :-1]``, next-token targets ``[:, 1:]``. The model's
-    ``requires_grad`` flags, gradients and train/eval mode are restored afterwards.
+    ``requires_grad`` flags, gradients and train/eval mode are restored afterwards. ``progress`` counts one unit for
+    the weight spectra, one per batch and one for the gradient spectra.
     """
+    progress = progress or Progress("analyze", 0, plain=False, bar=False)
     if not isinstance(rank, int) or rank <= 0:
         raise RankwiseError(f"rank must be a positive integer, got {rank!r}")
     weights = linear_weights(model, include_output)
-    w_spectra = batched_svdvals(weights)
+    with progress.stage("weight spectra"):
+        w_spectra = batched_svdvals(weights)
     rows = {n: {"name": n, "shape": list(w.shape), "full_rank": min(w.shape)} for n, w in weights.items()}
     for n, m in _metric_rows(w_spectra, "weight").items():
         rows[n].update(m)
     report = LayerReport([], w_spectra)
     if batches is not None:
-        grad_sum, drift, count = _gradients(model, weights, batches, rank)
+        grad_sum, drift, count = _gradients(model, weights, batches, rank, progress)
         if count == 0:
             raise RankwiseError("no batch to take gradients from; give at least one batch (two for drift)")
-        report.grad_spectra = batched_svdvals(grad_sum)
+        with progress.stage("gradient spectra"):
+            report.grad_spectra = batched_svdvals(grad_sum)
         report.batches = count
         for n, m in _metric_rows(report.grad_spectra, "grad").items():
             rows[n].update(m)
@@ -91,7 +96,8 @@ def analyze_model(model: nn.Module, batches: Iterable[torch.Tensor] | None = Non
     return report
 
 
-def _gradients(model: nn.Module, weights: dict[str, nn.Parameter], batches: Iterable[torch.Tensor], rank: int):
+def _gradients(model: nn.Module, weights: dict[str, nn.Parameter], batches: Iterable[torch.Tensor], rank: int,
+               progress: Progress):
     """Summed gradients over ``batches`` and the mean drift between consecutive batches' top-``rank`` subspaces."""
     from ..train import lm_loss
 
@@ -125,6 +131,7 @@ def _gradients(model: nn.Module, weights: dict[str, nn.Parameter], batches: Iter
                 _accumulate_drift(prev, tops, overlap_sum, angle_sum)
                 pairs += 1
             prev, count = tops, count + 1
+            progress.finish(info=f"gradient batch {count}")
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

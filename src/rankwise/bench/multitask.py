@@ -6,6 +6,11 @@ adapters on every linear layer for ``steps`` on the mixture. Reported per method
 exact-match accuracy of the synthetic tasks, their averages, activated and total trainable parameters (activated =
 what one token uses: active ranks of A and B plus the router), tokens/s. Writes ``results.json``, ``results.md``,
 ``multitask.png`` (bar charts) and ``routing_<method>.png`` (per-layer expert usage) to ``out_dir``.
+
+Long: a progress bar (plain lines when stderr is not a terminal) counts the training steps of the whole job, with the
+method now training and the ETA. Results are written after every run (``"complete": false`` in ``results.json`` and a
+note atop ``results.md`` until the last one), with the pre-trained base in ``base.pt``: an interrupted suite keeps
+what finished, and a rerun with the same configuration and ``out_dir`` trains only what is missing.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,10 +29,12 @@ from torch import nn
 
 from ..adapters.inject import active_parameterizations
 from ..adapters.moe.stats import plot_routing, reset_usage, routing_usage
-from ..atomic import write_text_atomic
+from ..atomic import write_atomic, write_text_atomic
 from ..data import Batches
 from ..data.multitask import SYNTHETIC, TASKS, MultiTaskData, exact_match, prepare_multitask
 from ..errors import RankwiseError
+from ..models import build_model
+from ..progress import Progress
 from ..train import TrainConfig, evaluate, resolve_device, train
 
 METHODS = ("lora", "mixlora", "smora", "flylora")
@@ -109,43 +117,107 @@ def _summary(method: str, tasks: dict, extra: dict) -> dict[str, Any]:
             "avg_accuracy": sum(synthetic) / len(synthetic) if synthetic else None, **extra}
 
 
+def planned_runs(cfg: MultitaskConfig) -> int:
+    """Fine-tuning runs of the suite: one per method, plus LoRA matched to SMoRA's activated parameters."""
+    return len(cfg.methods) + (cfg.matched_lora and "smora" in cfg.methods and "lora" in cfg.methods)
+
+
+def _resumable(out: Path, cfg: MultitaskConfig) -> list[dict[str, Any]]:
+    """The rows an earlier (interrupted) run of the same configuration left in ``out`` (none if there are none)."""
+    file = out / "results.json"
+    if not file.is_file() or not (out / BASE_FILE).is_file():
+        return []
+    saved = json.loads(file.read_text())
+    ours = json.loads(json.dumps(asdict(cfg), default=str))
+    if saved.get("config") != ours:
+        changed = sorted(k for k in ours if saved.get("config", {}).get(k) != ours[k])
+        raise RankwiseError(f"{out} holds multitask results of another configuration (differs in "
+                            f"{', '.join(changed)}); use another --out, or remove it to start over")
+    return saved["rows"]
+
+
+BASE_FILE = "base.pt"
+
+
 def run_multitask_suite(cfg: MultitaskConfig | dict[str, Any] | None = None,
                         out_dir: str | os.PathLike = "bench-multitask") -> list[dict[str, Any]]:
-    """Run the suite; returns one row per method (and one for the base model), also written to ``out_dir``."""
+    """Run the suite; returns one row per method (and one for the base model), also written to ``out_dir``
+    after every run (a rerun with the same configuration resumes)."""
     cfg = cfg if isinstance(cfg, MultitaskConfig) else MultitaskConfig(**(cfg or {}))
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    kept = {r["method"]: r for r in _resumable(out, cfg)}
     data = prepare_multitask(cfg.tasks, examples=cfg.examples, seed=cfg.seed, tokens_per_task=cfg.tokens_per_task)
     common = dict(preset=cfg.preset, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype="fp32", eval_every=0,
                   eval_batches=2, seed=cfg.seed, quiet=True, device=cfg.device, warmup_steps=max(1, cfg.steps // 10))
     prose = data.tasks.get("prose", next(iter(data.tasks.values()))).corpus
-    base = train(TrainConfig(method="full", steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, **common), corpus=prose).model
-    rows = [_summary("base", evaluate_tasks(base, data, cfg, device), {"activated_params": 0, "trainable_params": 0})]
-    runs = [(name, name, cfg.method_options(name)) for name in cfg.methods]
-    done: dict[str, dict[str, Any]] = {}
-    while runs:
-        label, name, options = runs.pop(0)
-        t0 = time.perf_counter()
-        res = train(TrainConfig(method=name, method_options=options, steps=cfg.steps, lr=cfg.lr, **common),
-                    model=copy.deepcopy(base), corpus=data.mixture)
-        wall = time.perf_counter() - t0
-        active, trainable = activated_params(res.model)
-        usage = routing_usage(res.model)
-        if usage:
-            plot_routing(usage, out / f"routing_{label}.png", f"{label}: expert usage while training")
-            reset_usage(res.model)
-        done[label] = _summary(label, evaluate_tasks(res.model, data, cfg, device), {
-            "activated_params": active, "trainable_params": trainable, "tokens_per_s": res.metrics["tokens_per_s"],
-            "train_seconds": wall, "options": options})
-        rows.append(done[label])
-        if cfg.matched_lora and label == "smora" and "lora" in done:
-            per_rank = done["lora"]["activated_params"] / cfg.method_options("lora")["r"]
-            r = max(1, round(active / per_rank))
-            runs.append((f"lora r={r}", "lora", {**cfg.method_options("lora"), "r": r}))
-    _write(out, cfg, rows)
+    planned = planned_runs(cfg)
+    done_steps = (cfg.pretrain_steps if kept else 0) + cfg.steps * (len(kept) - 1 if kept else 0)
+    progress = Progress("multitask", cfg.pretrain_steps + cfg.steps * planned, done_steps, unit="steps")
+    if kept:
+        progress.say(f"; resuming from {out}: {len(kept) - 1} of {planned} runs done")
+    rows: list[dict[str, Any]] = []
+    try:
+        if kept:
+            base = build_model(cfg.preset, vocab_size=prose.vocab_size, seed=cfg.seed)
+            base.load_state_dict(torch.load(out / BASE_FILE, map_location="cpu", weights_only=True))
+            base.to(device)
+            rows.append(kept["base"])
+        else:
+            progress.describe("pre-training the base")
+            base = train(TrainConfig(method="full", steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, **common),
+                         corpus=prose, on_step=lambda row: progress.finish()).model
+            write_atomic(out / BASE_FILE, lambda tmp: torch.save(base.state_dict(), tmp))
+            rows.append(_summary("base", evaluate_tasks(base, data, cfg, device),
+                                 {"activated_params": 0, "trainable_params": 0}))
+            _write(out, cfg, rows, planned)
+            progress.say("; base pre-trained")
+        runs = [(name, name, cfg.method_options(name)) for name in cfg.methods]
+        done: dict[str, dict[str, Any]] = {}
+        while runs:
+            label, name, options = runs.pop(0)
+            if label in kept:
+                done[label] = kept[label]
+                rows.append(done[label])
+            else:
+                done[label] = _fine_tune(label, name, options, base, data, cfg, common, device, out, progress)
+                rows.append(done[label])
+                _write(out, cfg, rows, planned)
+                progress.say(f"; {label} done (avg loss {done[label]['avg_loss']:.3f})")
+            if cfg.matched_lora and label == "smora" and "lora" in done:
+                per_rank = done["lora"]["activated_params"] / cfg.method_options("lora")["r"]
+                r = max(1, round(done["smora"]["activated_params"] / per_rank))
+                runs.append((f"lora r={r}", "lora", {**cfg.method_options("lora"), "r": r}))
+    except KeyboardInterrupt:
+        progress.close()
+        kept_text = (f"{len(rows) - 1} of {planned} runs and the base kept in {out}/results.md (partial)" if rows
+                     else "interrupted while pre-training the base: nothing kept")
+        print(f"interrupted: {kept_text}; rerun the same command with the same --out to finish", file=sys.stderr)
+        raise
+    finally:
+        progress.close()
     return rows
+
+
+def _fine_tune(label: str, name: str, options: dict[str, Any], base: nn.Module, data: MultiTaskData,
+               cfg: MultitaskConfig, common: dict[str, Any], device: torch.device, out: Path,
+               progress: Progress) -> dict[str, Any]:
+    """Train method ``name`` from a copy of ``base`` on the mixture; its summary row."""
+    progress.describe(label)
+    t0 = time.perf_counter()
+    res = train(TrainConfig(method=name, method_options=options, steps=cfg.steps, lr=cfg.lr, **common),
+                model=copy.deepcopy(base), corpus=data.mixture, on_step=lambda row: progress.finish())
+    wall = time.perf_counter() - t0
+    active, trainable = activated_params(res.model)
+    usage = routing_usage(res.model)
+    if usage:
+        plot_routing(usage, out / f"routing_{label}.png", f"{label}: expert usage while training")
+        reset_usage(res.model)
+    return _summary(label, evaluate_tasks(res.model, data, cfg, device), {
+        "activated_params": active, "trainable_params": trainable, "tokens_per_s": res.metrics["tokens_per_s"],
+        "train_seconds": wall, "options": options})
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -165,9 +237,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out: Path, cfg: MultitaskConfig, rows: list[dict[str, Any]]) -> None:
-    write_text_atomic(out / "results.json", json.dumps({"config": asdict(cfg), "rows": rows}, indent=2, default=str))
-    write_text_atomic(out / "results.md", markdown_table(rows))
+def _write(out: Path, cfg: MultitaskConfig, rows: list[dict[str, Any]], planned: int) -> None:
+    """The results so far: ``complete`` once every planned run (besides the base) finished."""
+    finished = len(rows) - 1
+    complete = finished >= planned
+    write_text_atomic(out / "results.json", json.dumps({"config": asdict(cfg), "rows": rows, "complete": complete,
+                                                        "runs_planned": planned}, indent=2, default=str))
+    note = "" if complete else (f"**Partial**: {finished} of {planned} fine-tuning runs finished; rerun the same "
+                                "command with the same --out to finish.\n\n")
+    write_text_atomic(out / "results.md", note + markdown_table(rows))
     plot_bars(rows, out / "multitask.png")
 
 

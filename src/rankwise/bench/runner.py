@@ -27,6 +27,7 @@ from typing import Any, Callable
 from .. import methods
 from ..atomic import write_json_atomic
 from ..errors import RankwiseError
+from ..progress import Progress
 from ..train import TrainConfig
 from .budget import MIB, Match, match_rank, parse_budget, planned_bytes, train_memory
 from .presets import BenchPreset, MethodSpec, get, parse_method
@@ -376,51 +377,6 @@ def _collect(job: Job, returncode: int) -> dict[str, Any]:
     return _failed(job, lines[-1] if lines else f"exit {returncode}, no output")
 
 
-def duration(seconds: float) -> str:
-    """``45s``, ``12m``, ``1h05m``: a wall time as a progress line shows it."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    m = round(s / 60)
-    return f"{m}m" if m < 60 else f"{m // 60}h{m % 60:02d}m"
-
-
-class Progress:
-    """Runs done / total of a job, its elapsed time and its ETA: the mean wall time of the runs finished here times
-    the runs left, over the runs at a time. ``line()`` is appended to every per-run line (readable in a log file);
-    on a terminal, with ``log=print``, a rich progress bar shows the same."""
-
-    def __init__(self, total: int, done: int, parallel: int, log: Callable[[str], None]) -> None:
-        self.total, self.done, self.parallel = total, done, max(1, parallel)
-        self.start, self.walls = time.perf_counter(), []
-        self.bar = self.task = None
-        if log is print and sys.stdout.isatty() and done < total:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
-
-            self.bar = Bar(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TextColumn("ETA {task.fields[eta]}"))
-            self.task = self.bar.add_task("bench", total=total, completed=done, eta="?")
-            self.bar.start()
-
-    def eta(self) -> str:
-        if not self.walls:
-            return "?"
-        left = self.total - self.done
-        return duration(sum(self.walls) / len(self.walls) * left / min(self.parallel, left)) if left else "0s"
-
-    def finish(self, wall: float) -> str:
-        """Count one finished run; the text for its line, e.g. ``elapsed 3m, ETA 12m``."""
-        self.done += 1
-        self.walls.append(wall)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done, eta=self.eta())
-        return f"elapsed {duration(time.perf_counter() - self.start)}, ETA {self.eta()}"
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def execute(jobs: list[Job], cfg: BenchConfig, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Run every unfinished job (``cfg.jobs`` at a time); return the results in ``jobs`` order."""
     results: dict[int, dict[str, Any]] = {}
@@ -434,7 +390,9 @@ def execute(jobs: list[Job], cfg: BenchConfig, log: Callable[[str], None]) -> li
     if len(todo) < len(jobs):
         log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} runs already finished in {cfg.out}, "
             f"{len(todo)} to run")
-    progress = Progress(len(jobs), len(jobs) - len(todo), 1 if not cfg.isolate else jobs_of(cfg), log)
+    # each run's line carries the job's elapsed time and ETA; on a terminal a rich bar shows them too
+    progress = Progress("bench", len(jobs), len(jobs) - len(todo), 1 if not cfg.isolate else jobs_of(cfg), "runs",
+                        bar=log is print and sys.stdout.isatty(), plain=False, stream=sys.stdout)
     try:
         return _execute(jobs, todo, results, cfg, log, progress)
     finally:

@@ -41,6 +41,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from ..train import TrainConfig, train
 
     cfg = TrainConfig.from_dict(job["config"])
+    if cfg.log and cfg.log_dir is None:  # bench --log: each run logs into its own folder
+        cfg.log_dir = job["run_dir"]
     start, load_start = time.perf_counter(), load_average()
     threads = torch.get_num_threads()
     torch.set_num_threads(job.get("threads", threads))

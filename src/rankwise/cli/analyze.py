@@ -1,5 +1,6 @@
 """``rankwise analyze --model DIR|PRESET``: per-layer spectra of weights and gradients (effective / energy / stable
-rank), gradient-subspace drift between batches, and the computational-limits norms of every attention layer."""
+rank), gradient-subspace drift between batches, and the computational-limits norms of every attention layer.
+Progress (weight spectra, each gradient batch, ...) with ETA goes to stderr."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import RankwiseError
     from ..models import max_positions
     from ..paths import check_out_dir
+    from ..progress import Progress
 
     check_out_dir(args.out)
     if args.batches < 0:
@@ -43,15 +45,22 @@ def run(args: argparse.Namespace) -> int:
     batches = (token_batches(loaded.data, loaded.vocab_size, args.batches, args.batch_size, args.seq_len,
                              tokenizer=loaded.tokenizer)
                if args.batches else None)
-    report = analyze_model(loaded.model, batches, args.rank, args.include_output)
-    limits = attention_norms(loaded.model, batches) if batches else []
-    result = {"model": args.model, "data": loaded.data if batches else None, "batches": report.batches,
-              "layers": report.rows, "attention_limits": limits}
-    if args.out:
-        out = Path(args.out)
-        write_json(result, out / "analysis.json")
-        heatmap(report.rows, out / "heatmap.png")
-        spectra_plot(report.weight_spectra, report.grad_spectra, out / "spectra.png")
+    # units: the weight spectra, each gradient batch, the gradient spectra, the attention limits, the files
+    total = 1 + (len(batches) + 2 if batches else 0) + bool(args.out)
+    with Progress("analyze", total, unit="steps") as progress:
+        report = analyze_model(loaded.model, batches, args.rank, args.include_output, progress)
+        limits = []
+        if batches:
+            with progress.stage("attention limits"):
+                limits = attention_norms(loaded.model, batches)
+        result = {"model": args.model, "data": loaded.data if batches else None, "batches": report.batches,
+                  "layers": report.rows, "attention_limits": limits}
+        if args.out:
+            out = Path(args.out)
+            with progress.stage("files"):
+                write_json(result, out / "analysis.json")
+                heatmap(report.rows, out / "heatmap.png")
+                spectra_plot(report.weight_spectra, report.grad_spectra, out / "spectra.png")
     if args.json:
         print(json.dumps(result, default=float))
         return 0

@@ -61,6 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the preset's")
     p.add_argument("--data", help="data source (default: the preset's)")
     p.add_argument("--eval-batches", type=int, help="validation batches (default: the preset's)")
+    p.add_argument("--log", choices=["tensorboard", "wandb"],
+                   help="also log each run to TensorBoard (OUT/runs/<method>/<budget>/seed<N>/tensorboard) or Weights & Biases")
     p.add_argument("--in-process", action="store_true",
                    help="run methods in this process instead of one fresh process each (peak memory then mixes)")
     p.set_defaults(func=run)
@@ -79,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     from ..paths import check_out_dir
 
     check_out_dir(args.out)
+    if args.log:
+        from ..loggers import check_logger
+
+        check_logger(args.log)  # before any run starts
     if args.suite == "multitask":
         from ..bench.multitask import config_from_args, markdown_table, run_multitask_suite
 
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ship_tuned and not (args.tune or args.tune_only):
         raise RankwiseError("--ship-tuned stores the lrs that --tune finds; add --tune (or --tune-only)")
     overrides = {"batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "dtype": args.dtype,
-                 "data": args.data, "eval_batches": args.eval_batches}
+                 "data": args.data, "eval_batches": args.eval_batches, "log": args.log}
     budgets = [b.strip() for b in args.match_memory.split(",") if b.strip()] if args.match_memory else None
     if args.match_memory is not None and not budgets:
         raise RankwiseError("--match-memory needs at least one budget, e.g. 60MiB or 80%")

@@ -8,7 +8,8 @@ compression and training-free compensation.
 - ``--eora RANK``: EoRA (Liu et al. 2024): each compressed layer gets a rank-RANK correction ``B A`` fitted in the
   eigenspace of its calibration activations; reports how much of the compression's loss increase it recovers.
 
-Prints perplexity before / after (with the sequence length it was measured at). ``--out`` receives the compressed
+Prints perplexity before / after (with the sequence length it was measured at); its stages (perplexities, WeLore,
+quantization, EoRA, writing) show as a progress bar with ETA on stderr (plain lines when it is not a terminal). ``--out`` receives the compressed
 model with its tokenizer: after WeLore alone, its factors (``welore.safetensors``: each compressed layer as B and A,
 so the saving shows on disk; ``--model DIR`` in rankwise loads it); with ``--dense``, ``--quantize`` or ``--eora`` a plain
 transformers folder (dense B·A, dequantized); ``welore.json`` (ranks and the report) and, with ``--eora``, ``eora/``
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export import check_new_folder, staged
     from ..models import max_positions
     from ..paths import check_out_dir
+    from ..progress import Progress
 
     check_out_dir(args.out)
     if args.eval_batches < 0:
@@ -91,47 +93,59 @@ def run(args: argparse.Namespace) -> int:
                if args.eval_batches else [])
     result = {"model": args.model, "ratio": args.ratio, "rule": args.rule, "quantize": args.quantize,
               "seq_len": args.seq_len}
-    if batches:
-        result["ppl_before"] = perplexity(original, batches)
-    model = copy.deepcopy(original) if args.eora else original  # EoRA needs the original weights
-    report = None
-    if args.ratio is not None:
-        report = compress(model, args.ratio, args.min_ratio, args.rule)
-        result.update(report.as_dict())
-    if args.quantize:
-        from ..quant import quantize_base, quantized_layers
-
-        quantize_base(model.requires_grad_(False), args.quantize)
-        result["quantized_layers"] = len(quantized_layers(model))
-    if batches:
-        result["ppl_after"] = perplexity(model, batches)
-    if args.eora:
-        calib = token_batches(loaded.data, loaded.vocab_size, args.calib_batches, 8, args.seq_len, split="train",
-                              tokenizer=loaded.tokenizer)
-        targets = {n: model.get_submodule(n) for n in linear_weights(original)
-                   if not torch.equal(dense_weight(original.get_submodule(n)), dense_weight(model.get_submodule(n)))}
-        if not targets:
-            raise RankwiseError("the compression changed no layer (e.g. --ratio 0): nothing for EoRA to compensate")
-        result.update(compensate(original, targets, calib, args.eora).as_dict())
+    stages = [name for name, on in (("ppl before", batches), (args.rule, args.ratio is not None),
+                                    (args.quantize, args.quantize), ("ppl after", batches), ("eora", args.eora),
+                                    ("ppl eora", args.eora and batches), ("write", out is not None)) if on]
+    with Progress("compress", len(stages), unit="stages") as progress:
         if batches:
-            result["ppl_eora"] = perplexity(original, batches)
-            lost = math.log(result["ppl_after"]) - math.log(result["ppl_before"])
-            regained = math.log(result["ppl_after"]) - math.log(result["ppl_eora"])
-            result["eora_recovery"] = regained / lost if lost > 0 else None
-    if out is not None:
-        from ..adapters import save_adapter
-        from ..quant import dequantize_base
+            with progress.stage("ppl before"):
+                result["ppl_before"] = perplexity(original, batches)
+        model = copy.deepcopy(original) if args.eora else original  # EoRA needs the original weights
+        report = None
+        if args.ratio is not None:
+            with progress.stage(args.rule):
+                report = compress(model, args.ratio, args.min_ratio, args.rule)
+            result.update(report.as_dict())
+        if args.quantize:
+            from ..quant import quantize_base, quantized_layers
 
-        with staged(out) as tmp:
-            if args.eora:
-                save_adapter(original, tmp / ADAPTER, ADAPTER, base_model_name_or_path=str(out))
-            if args.dense or args.quantize or args.eora or report is None:  # EoRA's adapter needs a plain base
-                dequantize_base(densify(model)).save_pretrained(tmp)
-            else:
-                result["factored"] = save_factored(model, tmp)
-            tokenizer = loaded.tokenizer or prepare(loaded.data, loaded.vocab_size).hf_tokenizer
-            tokenizer.save_pretrained(tmp)
-            write_json(result, tmp / "welore.json")
+            with progress.stage(args.quantize):
+                quantize_base(model.requires_grad_(False), args.quantize)
+            result["quantized_layers"] = len(quantized_layers(model))
+        if batches:
+            with progress.stage("ppl after"):
+                result["ppl_after"] = perplexity(model, batches)
+        if args.eora:
+            with progress.stage("eora"):
+                calib = token_batches(loaded.data, loaded.vocab_size, args.calib_batches, 8, args.seq_len,
+                                      split="train", tokenizer=loaded.tokenizer)
+                targets = {n: model.get_submodule(n) for n in linear_weights(original)
+                           if not torch.equal(dense_weight(original.get_submodule(n)),
+                                              dense_weight(model.get_submodule(n)))}
+                if not targets:
+                    raise RankwiseError("the compression changed no layer (e.g. --ratio 0): nothing for EoRA to "
+                                        "compensate")
+                result.update(compensate(original, targets, calib, args.eora).as_dict())
+            if batches:
+                with progress.stage("ppl eora"):
+                    result["ppl_eora"] = perplexity(original, batches)
+                lost = math.log(result["ppl_after"]) - math.log(result["ppl_before"])
+                regained = math.log(result["ppl_after"]) - math.log(result["ppl_eora"])
+                result["eora_recovery"] = regained / lost if lost > 0 else None
+        if out is not None:
+            from ..adapters import save_adapter
+            from ..quant import dequantize_base
+
+            with progress.stage("write"), staged(out) as tmp:
+                if args.eora:
+                    save_adapter(original, tmp / ADAPTER, ADAPTER, base_model_name_or_path=str(out))
+                if args.dense or args.quantize or args.eora or report is None:  # EoRA's adapter needs a plain base
+                    dequantize_base(densify(model)).save_pretrained(tmp)
+                else:
+                    result["factored"] = save_factored(model, tmp)
+                tokenizer = loaded.tokenizer or prepare(loaded.data, loaded.vocab_size).hf_tokenizer
+                tokenizer.save_pretrained(tmp)
+                write_json(result, tmp / "welore.json")
     if args.json:
         print(json.dumps(result))
         return 0

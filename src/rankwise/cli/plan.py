@@ -2,6 +2,10 @@
 
     rankwise plan --model llama-7b --method galore --rank 128 --batch 1 --seq 2048 --dtype bf16 --budget 24GB
     rankwise plan --model llama-7b --rank 128 --compare --png methods.png
+    rankwise plan --model llama-7b --method lora --rank 64 --target all-linear --budget 24GB
+
+With --budget: whether it fits, the largest rank that does, and when it does not, what activation checkpointing
+and layer-wise updates would make of it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="llama-7b", help="model preset or transformers config path (default llama-7b)")
     p.add_argument("--method", default="full", help="a registered method (`rankwise methods`; default full)")
     p.add_argument("--rank", "--r", dest="rank", type=int, help="rank of the method")
+    p.add_argument("--target", help="adapter methods: modules to adapt, as in `rankwise train --target` (names, "
+                                    "comma-separated, a regex, or all-linear)")
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--dtype", default="bf16", help="bf16 (pure bf16), fp32, or amp (fp32 weights, bf16 autocast = "
@@ -47,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise RankwiseError(f"--opt takes KEY=VALUE, got {item!r}")
         options[key.replace("-", "_")] = parse_value(value)
+    if args.target is not None and not args.compare:
+        options["target"] = args.target
     common = dict(batch=args.batch, seq=args.seq, dtype=args.dtype, budget=args.budget,
                   checkpointing=args.checkpointing, options=options, quantize=args.quantize)
     if not args.compare:
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(result.json() if args.json else result.table())
         return 0
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    plans = compare(args.model, rank=args.rank, methods=names, **common)
+    plans = compare(args.model, rank=args.rank, methods=names, progress=True, target=args.target, **common)
     if args.png:
         bar_chart(plans, args.png)
     print(json.dumps([p.to_dict() for p in plans], indent=1) if args.json else compare_table(plans))

@@ -67,6 +67,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, help="scale of the low-rank update (GaLore's alpha)")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="any other method option (repeatable)")
     p.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--log", choices=["tensorboard", "wandb"],
+                   help="also log every step's metrics to TensorBoard (OUT/tensorboard; extra [tensorboard]) or "
+                        "Weights & Biases (extra [wandb]; WANDB_MODE=offline works without an account)")
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
