@@ -779,6 +779,7 @@ def _build_model(cfg: TrainConfig, model: nn.Module | None, method: Method, voca
     """The given model, else ``cfg.model``'s pretrained weights, else the preset (random init, ``vocab_size``
     tokens), checked against the data, calibrated on ``train_data`` and prepared by the method."""
     torch.manual_seed(cfg.seed)
+    method.set_total_steps(cfg.horizon)
     if model is None and cfg.model is not None:
         model = load_pretrained(cfg.model)
     elif model is None:
