@@ -264,10 +264,13 @@ class AdaLoRAAllocator:
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """PEFT's ``update_and_allocate(step)`` for the step just taken."""
         self.step += 1
-        step, final = self.step, self.s["total_step"] - self.s["tfinal"]
         if self.params[0].is_meta:  # the planner's step on meta tensors: state is created, nothing is masked
             self.update_importance(optimizer)
             return
+        if self.s["total_step"] is None:
+            raise RankwiseError("adalora needs total_step (its budget schedule's length): pass total_step=N, or "
+                                "train with rankwise.train, which sets it to the run's steps")
+        step, final = self.step, self.s["total_step"] - self.s["tfinal"]
         if step < final:
             self.update_importance(optimizer)
             budget, mask = self.budget(step)
