@@ -34,6 +34,10 @@ def peft_lora(model, r, alpha, target, dora: bool = False):
 def step(model, batch):
     logits = model(input_ids=batch[:, :-1]).logits
     F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).backward()
+    # an in-place "update" of every trainable tensor, as an optimizer step makes, so caches keyed on the tensors'
+    # versions (DoRA's weight norm) are recomputed every step as in training
+    with torch.no_grad():
+        torch._foreach_add_([p for p in model.parameters() if p.requires_grad], 0.0)
 
 
 def saved_bytes(model, batch) -> int:
