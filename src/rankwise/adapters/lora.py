@@ -95,6 +95,7 @@ class LoRA(Parameterization):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
         self.register_buffer("init_A", None)
         self.register_buffer("init_B", None)
+        self.saved_rank: int | None = None  # rank pairs past it are zero (LoRA-Squeeze annealing): files hold fewer
         self._residual_pending = False
         self.dora = self.uses_base = bool(dora)
         if self.dora:  # DoRA's magnitude m = ||W + s B A|| per output row (B = 0 or B0 A0 with W the original)
@@ -195,7 +196,9 @@ class LoRA(Parameterization):
     def export_state(self) -> dict[str, torch.Tensor]:
         magnitude = {"lora_magnitude_vector": self.lora_magnitude_vector.detach()} if self.dora else {}
         if self.init_A is None:
-            return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach(), **magnitude}
+            k = self.saved_rank or self.r
+            return {"lora_A.weight": self.lora_A.detach()[:k], "lora_B.weight": self.lora_B.detach()[:, :k],
+                    **magnitude}
         return {"lora_A.weight": torch.cat([self.lora_A.detach(), -self.init_A]),
                 "lora_B.weight": torch.cat([self.lora_B.detach(), self.init_B], dim=1), **magnitude}
 
@@ -212,8 +215,13 @@ class LoRA(Parameterization):
                 self.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
 
     def file_rank_alpha(self) -> tuple[int, float]:
-        """(r, lora_alpha) of the saved file: rank doubles for residual inits, alpha keeps the scaling."""
+        """(r, lora_alpha) of the saved file: rank doubles for residual inits, alpha keeps the scaling; a layer with
+        ``saved_rank`` k is written at rank k with the alpha that keeps its scaling (LoRA-Squeeze's per-layer ranks
+        become PEFT's ``rank_pattern`` / ``alpha_pattern``)."""
         if self.init_A is None:
+            if self.saved_rank is not None and self.saved_rank != self.r:
+                k = self.saved_rank
+                return k, self.scaling * (math.sqrt(k) if self.rslora else k)
             return self.r, self.alpha
         return 2 * self.r, self.alpha * (math.sqrt(2) if self.rslora else 2)
 
