@@ -137,3 +137,18 @@ def test_lora_fine_tune_on_instruction_data_lowers_validation_loss(folder, tmp_p
 def test_bad_instruction_rows_name_the_line(folder, tmp_path, rows, message):
     with pytest.raises(RankwiseError, match=message):
         prepare(write_rows(tmp_path / "pc.jsonl", rows), tokenizer=load_pretrained_tokenizer(folder))
+
+
+@pytest.mark.parametrize("method, options, quantize", [
+    ("dora", {"r": 4, "alpha": 8, "target": "all-linear"}, None),
+    ("adalora", {"r": 6, "target_r": 3, "tinit": 5, "tfinal": 10, "target": "all-linear"}, None),
+    ("lora", {"r": 4, "alpha": 8, "target": "all-linear"}, "nf4"),
+])
+def test_dora_adalora_and_qlora_on_instruction_data_lower_validation_loss(folder, tmp_path, method, options,
+                                                                         quantize):
+    if quantize:
+        pytest.importorskip("torchao")
+    data = write_rows(tmp_path / "task.jsonl", word_task(300))
+    m = quick_run(tmp_path / "run", folder, data, model=folder, steps=30, seq_len=48, batch_size=8, lr=2e-2,
+                  method=method, method_options=options, quantize=quantize, eval_batches=4).metrics
+    assert m["final_eval_loss"] < m["initial_eval_loss"] - 0.3, m

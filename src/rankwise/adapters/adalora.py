@@ -146,7 +146,7 @@ class AdaLoRA(Parameterization):
             keep = pattern.get(f"{path}.lora_E")
             if keep is None:
                 keep = [True] * r
-            if (not isinstance(keep, list) or len(keep) != r or not all(isinstance(b, bool) for b in keep)):
+            if not isinstance(keep, list) or len(keep) != r or not all(isinstance(b, bool) for b in keep):
                 raise RankwiseError(f"ADALORA rank_pattern of {path} must be a list of init_r = {r} booleans")
             mask = torch.tensor(keep, dtype=torch.bool)
             kept = int(mask.sum())
@@ -159,9 +159,11 @@ class AdaLoRA(Parameterization):
                                         f"{r} triplets there (truncated or mismatched file)")
                 shape = list(t.shape)
                 shape[rows] = r
-                z = t.new_zeros(shape)
-                (z.__setitem__((slice(None), mask) if rows else mask, t))
-                full[key] = z
+                full[key] = t.new_zeros(shape)
+                if rows:
+                    full[key][:, mask] = t
+                else:
+                    full[key][mask] = t
             full["rank_mask"] = mask.to(tensors["lora_A"].dtype)
             out[path] = full
         return out
