@@ -2,6 +2,7 @@
 rankwise variant (trainable params, tokens/s, activation memory).
 
     python benchmarks/adapters_speed.py --preset tiny --batch-size 8 --seq-len 256 --repeats 7
+    python benchmarks/adapters_speed.py --preset small --dora          # DoRA / LoRA step time, rankwise vs PEFT
 
 Each repeat times ``--iters`` fwd+bwd passes of every contender in turn (interleaved, so load drift on a shared
 machine hits all alike); reported: median tokens/s over repeats and the ratio ours / peft. Memory: on CUDA the peak
@@ -23,15 +24,20 @@ from rankwise.models import build_model, count_params
 VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "lora-xs": {}, "nola": {}, "vera": {}, "randlora": {}}
 
 
-def peft_lora(model, r, alpha, target):
+def peft_lora(model, r, alpha, target, dora: bool = False):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=target, lora_dropout=0.0))
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=target, lora_dropout=0.0,
+                                            use_dora=dora))
 
 
 def step(model, batch):
     logits = model(input_ids=batch[:, :-1]).logits
     F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).backward()
+    # an in-place "update" of every trainable tensor, as an optimizer step makes, so caches keyed on the tensors'
+    # versions (DoRA's weight norm) are recomputed every step as in training
+    with torch.no_grad():
+        torch._foreach_add_([p for p in model.parameters() if p.requires_grad], 0.0)
 
 
 def saved_bytes(model, batch) -> int:
@@ -76,6 +82,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--variants", action="store_true", help="also time every rankwise variant")
+    p.add_argument("--dora", action="store_true",
+                   help="also time DoRA (rankwise and PEFT) and print each one's DoRA / LoRA step-time ratio")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -86,9 +94,13 @@ def main() -> None:
         return build_model(args.preset, seed=0).to(args.device, dtype)
 
     contenders = {"peft-lora": peft_lora(base(), args.r, args.alpha, target)}
+    if args.dora:
+        contenders["peft-dora"] = peft_lora(base(), args.r, args.alpha, target, dora=True)
     for name, opts in VARIANTS.items() if args.variants else [("lora", {})]:
         kind = "lora" if name == "rslora" else name
         contenders[name] = adapters.apply(base(), kind, r=args.r, alpha=args.alpha, target=target, **opts)
+    if args.dora:
+        contenders["dora"] = adapters.apply(base(), "lora", r=args.r, alpha=args.alpha, target=target, dora=True)
     batch = torch.randint(0, 8192, (args.batch_size, args.seq_len + 1), device=args.device)
     tokens = args.batch_size * args.seq_len * args.iters
     times: dict[str, list[float]] = {n: [] for n in contenders}
@@ -115,6 +127,9 @@ def main() -> None:
         peak = cuda_peak(m, batch)
         print(f"{name:<10} {count_params(m)[0]:>10,} {speed[name]:>10,.0f} {speed[name] / speed['peft-lora']:>8.3f} "
               f"{saved_bytes(m, batch) / 2**20:>14.1f} {'' if peak is None else f'{peak / 2**20:.1f}':>9}")
+    if args.dora:  # step time ratio = inverse tokens/s ratio, each library against its own LoRA
+        print(f"DoRA / LoRA step time: rankwise {speed['lora'] / speed['dora']:.3f}, "
+              f"peft {speed['peft-lora'] / speed['peft-dora']:.3f}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class Method:
         """Transform the model before training (in place or not); return the model to train."""
         return model
 
+    def set_total_steps(self, steps: int) -> None:
+        """The number of optimizer steps the run's schedule spans; the loop calls it before ``prepare`` (AdaLoRA's
+        budget schedule ends there unless given its own ``total_step``)."""
+
     def build_optimizer(self, model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 

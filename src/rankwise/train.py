@@ -40,7 +40,7 @@ from . import paths
 from .atomic import clean_stale, explained_errors, json_dumps, write_json_atomic, write_text_atomic
 from . import distributed
 from . import methods as methods_mod
-from .data import Batches, TokenizedCorpus, prepare
+from .data import Batches, LabeledBatch, TokenizedCorpus, prepare, target_count
 from .errors import NonFiniteError, RankwiseError
 from .loggers import MetricLogger, check_logger
 from .methods import Method, OptimConfig
@@ -65,7 +65,7 @@ _OPTIONAL_INTS = ("stop_at", "schedule_steps")
 _FLOATS = ("lr", "min_lr_ratio", "weight_decay", "grad_clip")
 _STRS = ("preset", "method", "data", "dtype", "device", "parallel", "on_nonfinite")
 _OPTIONAL_STRS = ("out", "resume", "log", "log_dir")
-_BOOLS = ("quiet", "overwrite", "extend")
+_BOOLS = ("quiet", "overwrite", "extend", "pack")
 
 
 def _is_int(v: Any) -> bool:
@@ -105,6 +105,7 @@ class TrainConfig:
     device: str = "auto"
     parallel: str = "ddp"  # with several processes (torchrun): ddp or fsdp (FSDP2 fully_shard)
     quantize: str | None = None  # nf4 / int8: frozen quantized base for adapter methods (rankwise.quant)
+    pack: bool = True  # instruction data: pack examples into windows (False: one right-padded example per row)
     quiet: bool = False
     on_nonfinite: str = "stop"  # a non-finite loss / gradient norm: stop (keep the last good checkpoint) or skip
     overwrite: bool = False  # start a new run in an --out that holds one (its run files are removed first)
@@ -240,13 +241,19 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of a (B, T+1) batch, computed in fp32."""
-    logits = getattr(model(input_ids=batch[:, :-1]), "logits", None)
+def lm_loss(model: nn.Module, batch: torch.Tensor | LabeledBatch) -> torch.Tensor:
+    """Next-token cross-entropy of a (B, T+1) batch, computed in fp32; for a ``LabeledBatch`` (instruction data) the
+    mean over its masked-in targets only (the prompt's targets are -100; 0 when a batch has none)."""
+    ids = batch.ids if isinstance(batch, LabeledBatch) else batch
+    logits = getattr(model(input_ids=ids[:, :-1]), "logits", None)
     if logits is None:
         raise RankwiseError(f"the model ({type(model).__name__}) returned no .logits: it must be a causal LM "
                             "such as a transformers AutoModelForCausalLM")
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    logits = logits.float().reshape(-1, logits.size(-1))
+    if not isinstance(batch, LabeledBatch):
+        return F.cross_entropy(logits, ids[:, 1:].reshape(-1))
+    labels = ids[:, 1:].masked_fill(~batch.mask, -100).reshape(-1)
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / batch.mask.sum().clamp(min=1)
 
 
 def perplexity(loss: float) -> float:
@@ -271,14 +278,14 @@ def check_causal_lm(model: Any) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device, dtype: str = "fp32") -> float:
-    """Mean next-token loss over ``batches`` (each weighted by its token count)."""
+    """Mean next-token loss over ``batches`` (each weighted by its target count)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with autocast(device, dtype):
         for batch in batches:
             batch = batch.to(device)
-            n = batch[:, 1:].numel()
+            n = target_count(batch)
             total += lm_loss(model, batch).item() * n
             count += n
     model.train(was_training)
@@ -527,8 +534,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     dist = distributed.setup(cfg.parallel, cfg.batch_size, device)  # None in a single process
     device = dist.device if dist else device
     corpus = corpus or prepare(cfg.data, cfg.vocab_size, tokenizer=_tokenizer_for(cfg))
-    train_data = Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
-    eval_data = Batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
+    train_data = corpus.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.pack)
+    eval_data = corpus.batches("val", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.pack).eval_batches(cfg.eval_batches)
 
     model = _build_model(cfg, model, method, corpus.vocab_size, train_data, device)
     model.train()
@@ -793,6 +800,7 @@ def _build_model(cfg: TrainConfig, model: nn.Module | None, method: Method, voca
     """The given model, else ``cfg.model``'s pretrained weights, else the preset (random init, ``vocab_size``
     tokens), checked against the data, calibrated on ``train_data`` and prepared by the method."""
     torch.manual_seed(cfg.seed)
+    method.set_total_steps(cfg.horizon)
     if model is None and cfg.model is not None:
         model = load_pretrained(cfg.model)
     elif model is None:
@@ -827,7 +835,7 @@ def load_run(run_dir: str, device: str | torch.device = "cpu", state: dict[str, 
     method = methods_mod.get(cfg.method, **cfg.method_options)
     tokenizer = run_tokenizer(run_dir)
     corpus = prepare(cfg.data, tokenizer=tokenizer) if method.calibration_batches else None
-    train_data = Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed) if corpus is not None else None
+    train_data = corpus.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.pack) if corpus else None
     vocab = tokenizer.backend_tokenizer.get_vocab_size()
     model = _build_model(cfg, None, method, vocab, train_data, dev)
     distributed.load_full_model(model, state, run_dir)
@@ -844,10 +852,10 @@ def evaluate_checkpoint(run_dir: str, data: str | None = None, eval_batches: int
     cfg.eval_batches = eval_batches or cfg.eval_batches
     cfg.validate()
     corpus = prepare(cfg.data, tokenizer=run.tokenizer)
-    batches = Batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
+    batches = corpus.batches("val", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.pack).eval_batches(cfg.eval_batches)
     loss = evaluate(run.model, batches, next(run.model.parameters()).device, cfg.dtype)
     return {"method": cfg.method, "data": cfg.data, "step": run.state["step"], "eval_loss": loss,
-            "eval_ppl": perplexity(loss), "seq_len": cfg.seq_len, "tokens": sum(b[:, 1:].numel() for b in batches)}
+            "eval_ppl": perplexity(loss), "seq_len": cfg.seq_len, "tokens": sum(target_count(b) for b in batches)}
 
 
 def _describe(cfg: TrainConfig, method: Method) -> dict[str, Any]:

@@ -87,3 +87,29 @@ def test_compress_refuses_a_non_empty_out(model_dir, tmp_path, capsys):
     (tmp_path / "x").write_text("keep")
     assert main(["compress", "--model", model_dir, "--ratio", "0.2", "--out", str(tmp_path)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_compress_peft_writes_welore_ranks_as_a_peft_rank_pattern(model_dir, tmp_path, capsys):
+    """--peft: the low-rank components as a PEFT LoRA (per-layer ranks in rank_pattern) over a base with those
+    layers zero; peft's PeftModel on it computes the compressed model (the factored folder's function)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    common = ["compress", "--model", model_dir, "--ratio", "0.5", "--min-ratio", "0.3", "--eval-batches", "0"]
+    assert main([*common, "--out", str(tmp_path / "factored")]) == 0
+    assert main([*common, "--peft", "--out", str(tmp_path / "peft")]) == 0
+    capsys.readouterr()
+    factored = json.loads((tmp_path / "factored" / "welore.json").read_text())["factored"]  # the B A layers
+    config = json.loads((tmp_path / "peft" / "adapter" / "adapter_config.json").read_text())
+    ranks = {n: config["rank_pattern"].get(n, config["r"]) for n in config["target_modules"]}
+    assert ranks == factored and len(set(ranks.values())) > 1 and config["rank_pattern"]
+    assert all(config["alpha_pattern"].get(n, config["lora_alpha"]) == k for n, k in ranks.items())  # scaling 1
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft")
+    assert all(base.get_submodule(n).weight.abs().max() == 0 for n in ranks)
+    adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft" / "adapter")).eval()
+    x = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        expected = build_model(str(tmp_path / "factored")).eval()(input_ids=x).logits
+        assert (adapted(input_ids=x).logits - expected).abs().max() <= 1e-5
+    assert main([*common, "--peft", "--eora", "4", "--out", str(tmp_path / "bad")]) == 2
+    assert "--peft writes WeLore's low-rank components" in capsys.readouterr().err

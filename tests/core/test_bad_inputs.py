@@ -98,6 +98,12 @@ def int_adapter(ctx):
     _adapter_copy(ctx, "intadapter", _edit_tensors(lambda t: t.long()))
 
 
+def bad_instruct(ctx):
+    rows = [{"prompt": "alpha", "completion": " beta"}, {"messages": [{"role": "bot", "content": "x"}]}]
+    (ctx["tmp"] / "instruct.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ctx["instruct"] = ctx["tmp"] / "instruct.jsonl"
+
+
 # ---------------------------------------------------------------------------------------------------- the table
 # (id, argv, key word of the one-line error, setup or None)
 CLI = [
@@ -154,6 +160,8 @@ CLI = [
     ("train-unknown-preset", ["train", "--preset", "nope", "--out", "{out}"], "unknown model preset", None),
     ("train-unknown-method", ["train", "--method", "bogus", "--out", "{out}"], "unknown method 'bogus'", None),
     ("train-missing-data", ["train", "--data", "/no/such/path.txt", "--out", "{out}"], "does not exist", None),
+    ("train-instruct-mixed-rows", ["train", "--data", "{instruct}", "--out", "{out}"],
+     "instruct.jsonl:2: expected a prompt-completion row", bad_instruct),
     ("train-option-not-taken", ["train", "--rank", "4", "--out", "{out}"], "does not take option(s) rank", None),
     ("train-opt-no-value", ["train", "--opt", "novalue", "--out", "{out}"], "KEY=VALUE", None),
     ("train-extend-without-resume", ["train", "--extend", "--out", "{out}"], "extend goes with resume", None),

@@ -19,7 +19,8 @@ COUNTED = ("weights_trainable", "weights_frozen", "gradients", "optimizer_state"
 
 
 def _options(name: str) -> dict:
-    return {"rank": RANK} if "rank" in methods.info(name).options() else {}
+    extra = {"total_step": 10} if "total_step" in methods.info(name).options() else {}  # AdaLoRA's schedule
+    return {"rank": RANK, **extra} if "rank" in methods.info(name).options() else extra
 
 
 @pytest.fixture(scope="module")

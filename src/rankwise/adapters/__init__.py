@@ -6,7 +6,7 @@ initialization (``inits.py``) and an optional gradient correction (``corrections
     adapters.save_adapter(model, "out/adapter")          # loads in peft.PeftModel.from_pretrained
 """
 
-from . import core, lora, nola, randlora, vera  # noqa: F401  (register the parameterizations)
+from . import adalora, core, lora, nola, randlora, vera  # noqa: F401  (register the parameterizations)
 from .base import PARAMETERIZATIONS, AdapterLinear, Parameterization, parameterization
 from .corrections import AltLoRA, LoRAPro, LoRAProLite
 from .inits import calibration_gradients, init_lora_ga, init_lora_sb, init_pissa

@@ -160,6 +160,13 @@ class Parameterization(nn.Module):
         """The tensor names and shapes a file must hold for this layer (``optional_keys`` may be absent)."""
         return {k: tuple(v.shape) for k, v in self.export_state().items()}
 
+    @classmethod
+    def file_layers(cls, config: dict[str, Any], grouped: dict[str, dict[str, torch.Tensor]]
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+        """A file's tensors per layer (``{module path: {suffix: tensor}}``) as ``check_state`` / ``import_state``
+        take them (AdaLoRA re-expands its pruned triplets); by default unchanged."""
+        return grouped
+
     def prepare_base(self, base: nn.Linear) -> None:
         """Called once when the adapter is attached to ``base`` (residual inits move their initial part out of it)."""
 

@@ -59,7 +59,7 @@ def adapter_config(adapters: dict[str, Parameterization], base_model_name_or_pat
     targets = sorted(adapters)
     exclude = first.exclude
     common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path, "target_modules": targets}
-    if first.peft_type in (None, "LORA"):  # PEFT's VeraConfig / RandLoraConfig have no exclude_modules field
+    if first.peft_type in (None, "LORA", "ADALORA"):  # PEFT's VeraConfig / RandLoraConfig have no exclude_modules
         common["exclude_modules"] = sorted(exclude) if isinstance(exclude, list) else exclude
     if first.peft_type:
         # PEFT sets fan_in_fan_out by the layer type (True for Conv1D) and writes it to the config
@@ -219,6 +219,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     unexpected = sorted(set(model_level) - set(cls.model_keys))
     if unexpected:
         raise RankwiseError(f"adapter file has model-level tensors {unexpected} that a {method} adapter does not use")
+    grouped = cls.file_layers(config, grouped)
     for tensors_of in grouped.values():  # a layer's own copy of a shared tensor wins (PEFT's RandLoRA has both)
         for k, v in model_level.items():
             tensors_of.setdefault(k, v)

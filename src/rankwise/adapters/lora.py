@@ -96,6 +96,7 @@ class LoRA(Parameterization):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
         self.register_buffer("init_A", None)
         self.register_buffer("init_B", None)
+        self.saved_rank: int | None = None  # rank pairs past it are zero (LoRA-Squeeze annealing): files hold fewer
         self._residual_pending = False
         self.dora = self.uses_base = bool(dora)
         if self.dora:  # DoRA's magnitude m = ||W + s B A|| per output row (B = 0 or B0 A0 with W the original)
@@ -128,10 +129,40 @@ class LoRA(Parameterization):
             self.lora_B.copy_(b0)
         self.init_A, self.init_B = a0.detach().clone(), b0.detach().clone()
 
+    @torch.no_grad()
+    def dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + s B A||`` per output row (fp32, no gradient: the paper's sec. 4.3) without forming ``W + s B A``:
+
+            ||W_i||^2 + 2 s (B o W A^T)_i 1 + s^2 (B o B (A A^T))_i 1
+
+        ``||W_i||^2`` is computed once per frozen weight and the whole norm once per update of ``A, B`` (cached on
+        their versions), so micro-batches and evaluation reuse it; the cost is one ``out x in x r`` product."""
+        a, b = self.lora_A, self.lora_B
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), id(weight), weight._version)
+        cached = getattr(self, "_dora_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if type(weight).__name__ in ("NF4Tensor", "Int8Tensor"):
+            from ..quant import dequantize
+
+            w = dequantize(weight, torch.float32)
+        else:
+            w = weight.float()
+        w_key = (id(weight), weight._version, weight.data_ptr())
+        w_cached = getattr(self, "_weight_norm_cache", None)
+        if w_cached is None or w_cached[0] != w_key:
+            w_cached = (w_key, w.square().sum(1))
+            self._weight_norm_cache = w_cached
+        a32, b32, s = a.float(), b.float(), self.scaling
+        cross = (b32 * (w @ a32.t())).sum(1)
+        own = (b32 * (b32 @ (a32 @ a32.t()))).sum(1)
+        norm = (w_cached[1] + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
+        self._dora_cache = (key, norm)
+        return norm
+
     def dora_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """DoRA (Liu et al. 2024): ``m / ||W + s B A||`` per output row, the norm detached (the paper's sec. 4.3)."""
-        lora_w = (self.lora_B @ self.lora_A).detach()
-        return self.lora_magnitude_vector / torch.linalg.norm(weight + self.scaling * lora_w, dim=1).detach()
+        return self.lora_magnitude_vector / self.dora_norm(weight).to(self.lora_magnitude_vector.dtype)
 
     def delta_weight(self, base: nn.Linear | None = None) -> torch.Tensor:
         if not self.dora:
@@ -143,14 +174,21 @@ class LoRA(Parameterization):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Linear | None = None) -> torch.Tensor:
         if self.dora:  # PEFT's DoraLinearLayer: out + (g - 1) W x + g s B A x, g = m / ||W + s B A||
-            scale = self.dora_scale(base.weight.to(x.dtype))
-            x = self.drop(x)
-            if self.dropout and self.training:
-                base_out = F.linear(x, base.weight)
-            else:
-                base_out = out if base.bias is None else out - base.bias
-            lora_out = F.linear(F.linear(x, self.lora_A), self.lora_B)
-            return out + ((scale - 1) * base_out + scale * lora_out * self.scaling)
+            scale = self.dora_scale(base.weight)
+            if self.dropout and self.training:  # the base output of the dropped-out input is needed
+                x = self.drop(x)
+                base_out = F.linear(x, base.weight.to(x.dtype))
+                lora_out = F.linear(F.linear(x, self.lora_A), self.lora_B)
+                return out + ((scale - 1) * base_out + scale * lora_out * self.scaling)
+            # = g (W x + s B A x) + b: LoRA's fused GEMM, then one scaling of its output (no second base product)
+            h = F.linear(x, self.lora_A)
+            y = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(),
+                            alpha=self.scaling).view(out.shape)
+            scale = scale.to(y.dtype)
+            if base.bias is None:
+                return y * scale
+            bias = base.bias.to(y.dtype)
+            return torch.addcmul(bias, y - bias, scale)
         h = F.linear(self.drop(x), self.lora_A)
         # out + s h B^T in one GEMM: no scaled copy, no separate add
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(),
@@ -159,7 +197,9 @@ class LoRA(Parameterization):
     def export_state(self) -> dict[str, torch.Tensor]:
         magnitude = {"lora_magnitude_vector": self.lora_magnitude_vector.detach()} if self.dora else {}
         if self.init_A is None:
-            return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach(), **magnitude}
+            k = self.saved_rank or self.r
+            return {"lora_A.weight": self.lora_A.detach()[:k], "lora_B.weight": self.lora_B.detach()[:, :k],
+                    **magnitude}
         return {"lora_A.weight": torch.cat([self.lora_A.detach(), -self.init_A]),
                 "lora_B.weight": torch.cat([self.lora_B.detach(), self.init_B], dim=1), **magnitude}
 
@@ -176,8 +216,13 @@ class LoRA(Parameterization):
                 self.lora_magnitude_vector.copy_(tensors["lora_magnitude_vector"])
 
     def file_rank_alpha(self) -> tuple[int, float]:
-        """(r, lora_alpha) of the saved file: rank doubles for residual inits, alpha keeps the scaling."""
+        """(r, lora_alpha) of the saved file: rank doubles for residual inits, alpha keeps the scaling; a layer with
+        ``saved_rank`` k is written at rank k with the alpha that keeps its scaling (LoRA-Squeeze's per-layer ranks
+        become PEFT's ``rank_pattern`` / ``alpha_pattern``)."""
         if self.init_A is None:
+            if self.saved_rank is not None and self.saved_rank != self.r:
+                k = self.saved_rank
+                return k, self.scaling * (math.sqrt(k) if self.rslora else k)
             return self.r, self.alpha
         return 2 * self.r, self.alpha * (math.sqrt(2) if self.rslora else 2)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import RankwiseError
 from ..methods import Method, OptimConfig, decay_groups, register
+from .adalora import AdaLoRA, AdaLoRAAllocator, check_schedule
 from .corrections import AltLoRA, LoRAPro, LoRAProLite
 from .inject import active_parameterizations, apply, find_targets
 from .inits import calibration_gradients, init_lora_ga, init_lora_sb, init_pissa
@@ -94,6 +95,47 @@ class AdapterMethod(Method):
         return LoRAProLite(torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps), loras)
 
 
+class AdaLoRAMethod(AdapterMethod):
+    """AdaLoRA: ``prepare`` builds the allocator over the model's AdaLoRA layers, ``build_optimizer`` hooks it after
+    every optimizer step (importance, budget, masks: no extra call in the loop), ``aux_loss`` is the orthogonality
+    regularizer. ``total_step`` defaults to the run's schedule length (``set_total_steps``)."""
+
+    def __init__(self, schedule: dict[str, Any], **common: Any):
+        super().__init__("adalora", **common)
+        self.schedule = schedule
+        self.allocator: AdaLoRAAllocator | None = None
+        if schedule["total_step"] is not None:
+            check_schedule(common["r"], schedule)
+
+    def set_total_steps(self, steps: int) -> None:
+        if self.schedule["total_step"] is None:
+            self.schedule["total_step"] = steps
+            check_schedule(self.apply_options["r"], self.schedule)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        apply(model, "adalora", **self.apply_options, **self.schedule)
+        layers = [m for m in active_parameterizations(model).values() if isinstance(m, AdaLoRA)]
+        self.allocator = AdaLoRAAllocator(layers, self.schedule)
+        return model
+
+    def build_optimizer(self, model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+        optimizer = super().build_optimizer(model, cfg)
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.allocator.after_optimizer_step(opt))
+        return optimizer
+
+    def aux_loss(self, model: nn.Module) -> torch.Tensor | None:
+        return self.allocator.orthogonal_regularizer() if self.schedule["orth_reg_weight"] > 0 else None
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.allocator.step = step  # the loop's step (a skipped non-finite step took no optimizer step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.allocator.step if self.allocator else 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.allocator.step = int(state.get("step", 0))
+
+
 def _common(r, rank, alpha, target, dropout, seed, lr_scale, default_r: int = 8) -> dict[str, Any]:
     return dict(r=resolve_rank(r, rank, default_r), alpha=alpha, target=target, dropout=dropout, seed=seed, lr_scale=lr_scale)
 
@@ -114,6 +156,19 @@ def _rslora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, 
 def _dora(r: int | None = None, rank: int | None = None, alpha: float = 16.0, target: str = DEFAULT_TARGET,
           dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0) -> Method:
     return AdapterMethod("lora", dora=True, **_common(r, rank, alpha, target, dropout, seed, lr_scale))
+
+
+@register("adalora", "adapters", "AdaLoRA: SVD-form P diag(E) Q, triplets pruned by importance to a budget (PEFT's)")
+def _adalora(r: int | None = None, rank: int | None = None, alpha: float = 8.0, target: str = DEFAULT_TARGET,
+             dropout: float = 0.0, seed: int = 0, lr_scale: float = 1.0, target_r: int = 8, tinit: int = 0,
+             tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85,
+             orth_reg_weight: float = 0.5, total_step: int | None = None) -> Method:
+    """Zhang et al. 2023 (arXiv 2303.10512) as PEFT 0.21 computes it; ``r`` is PEFT's ``init_r`` (default 12),
+    ``delta_t`` its ``deltaT``, ``alpha`` its ``lora_alpha`` (default 8); ``total_step`` defaults to the run's
+    steps. PEFT's defaults everywhere."""
+    schedule = dict(target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t, beta1=beta1, beta2=beta2,
+                    orth_reg_weight=orth_reg_weight, total_step=total_step)
+    return AdaLoRAMethod(schedule, **_common(r, rank, alpha, target, dropout, seed, lr_scale, 12))
 
 
 @register("pissa", "adapters", "PiSSA: LoRA initialised with the top-r singular part, residual base")

@@ -11,13 +11,18 @@ Split (the authors' ``min_ratio``): a matrix whose own reduction exceeds ``min_r
 and becomes ``W_k = U_k S_k V_k^T``, stored as ``B A`` (``B = U_k S_k^{1/2}``, ``A = S_k^{1/2} V_k^T``, trainable:
 WeLore fine-tunes only the LRCs) when that has fewer parameters than ``W``, else as the dense rank-k matrix (same
 function). The others (N-LRCs) are left unchanged.
+
+PEFT form (``peft_form``, ``rankwise compress --peft``): the LRCs as a LoRA adapter with per-layer ranks
+(``rank_pattern``) over a base whose LRC weights are zero.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +169,36 @@ def densify(model: nn.Module) -> nn.Module:
                 dense.bias.copy_(m.bias)
             model.set_submodule(name, dense)
     return model
+
+
+@torch.no_grad()
+def peft_form(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """WeLore's model in PEFT's format: ``(base, adapted)``. ``base`` is ``model`` with every ``LowRankLinear``
+    replaced by an ``nn.Linear`` of zero weight (bias kept); ``adapted`` is a copy of ``base`` with a LoRA adapter
+    holding each LRC's ``B``, ``A`` at its own rank (``rank_pattern``) with ``alpha = rank`` (``alpha_pattern``:
+    scaling 1), so ``adapted`` computes what ``model`` does and training its adapter is WeLore's LRC fine-tuning
+    (only the low-rank components' factors train). ``save_adapter(adapted, ...)`` writes the per-layer ranks."""
+    from ..adapters import active_parameterizations, apply
+
+    factors = {n: (m.A.detach().clone(), m.B.detach().clone()) for n, m in model.named_modules()
+               if isinstance(m, LowRankLinear)}
+    if not factors:
+        raise RankwiseError("the model has no low-rank component (LowRankLinear) to write as a LoRA adapter; "
+                            "compress it with a --ratio that factors some layers")
+    base = densify(copy.deepcopy(model))
+    for n in factors:
+        base.get_submodule(n).weight.zero_()
+    adapted = copy.deepcopy(base)
+    ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    apply(adapted, "lora", r=r, alpha=float(r), target=list(factors),
+          rank_pattern={n: k for n, k in ranks.items() if k != r},
+          alpha_pattern={n: float(k) for n, k in ranks.items() if k != r})
+    for key, layer in active_parameterizations(adapted).items():
+        a, b = factors[key.rsplit(".", 1)[0]]
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+    return base, adapted
 
 
 FACTORS_FILE = "welore.safetensors"  # not model.safetensors: plain transformers cannot read factored layers

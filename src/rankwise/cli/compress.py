@@ -12,8 +12,9 @@ Prints perplexity before / after (with the sequence length it was measured at); 
 quantization, EoRA, writing) show as a progress bar with ETA on stderr (plain lines when it is not a terminal). ``--out`` receives the compressed
 model with its tokenizer: after WeLore alone, its factors (``welore.safetensors``: each compressed layer as B and A,
 so the saving shows on disk; ``--model DIR`` in rankwise loads it); with ``--dense``, ``--quantize`` or ``--eora`` a plain
-transformers folder (dense B·A, dequantized); ``welore.json`` (ranks and the report) and, with ``--eora``, ``eora/``
-(a PEFT LoRA adapter).
+transformers folder (dense B·A, dequantized); with ``--peft`` a transformers base whose factored layers are zero plus
+``adapter/``, a PEFT LoRA holding their factors at WeLore's per-layer ranks (``rank_pattern``); ``welore.json``
+(ranks and the report) and, with ``--eora``, ``eora/`` (a PEFT LoRA adapter).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="new folder for the compressed model (factors; see --dense)")
     p.add_argument("--dense", action="store_true",
                    help="write dense B·A weights: a plain transformers folder (as large as the original)")
+    p.add_argument("--peft", action="store_true",
+                   help="WeLore: write the low-rank components as a PEFT LoRA adapter (OUT/adapter, per-layer ranks "
+                        "in rank_pattern) over OUT, a transformers base with those layers' weights zero")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.inputs import load_model, perplexity, token_batches
     from ..analysis.layers import linear_weights
     from ..analysis.report import write_json
-    from ..analysis.welore import compress, densify, save_factored
+    from ..analysis.welore import compress, densify, peft_form, save_factored
     from ..data import prepare
     from ..errors import RankwiseError
     from ..export import check_new_folder, staged
@@ -72,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if args.ratio is not None and (not 0.0 <= args.ratio < 1.0 or not 0.0 <= args.min_ratio < 1.0):
         raise RankwiseError(f"--ratio and --min-ratio must be in [0, 1) (fractions of ranks removed), got "
                             f"{args.ratio} and {args.min_ratio}")
+    if args.peft and (args.ratio is None or args.quantize or args.eora or args.dense):
+        raise RankwiseError("--peft writes WeLore's low-rank components as a LoRA adapter: give --ratio, without "
+                            "--quantize, --eora or --dense")
     if args.eora is not None and (args.eora <= 0 or args.calib_batches <= 0):
         raise RankwiseError(f"--eora RANK and --calib-batches must be positive, got {args.eora} and "
                             f"{args.calib_batches}")
@@ -139,7 +146,11 @@ def run(args: argparse.Namespace) -> int:
             with progress.stage("write"), staged(out) as tmp:
                 if args.eora:
                     save_adapter(original, tmp / ADAPTER, ADAPTER, base_model_name_or_path=str(out))
-                if args.dense or args.quantize or args.eora or report is None:  # EoRA's adapter needs a plain base
+                if args.peft:
+                    base, adapted = peft_form(model)
+                    base.save_pretrained(tmp)
+                    save_adapter(adapted, tmp / "adapter", base_model_name_or_path=str(out))
+                elif args.dense or args.quantize or args.eora or report is None:  # EoRA's adapter needs a plain base
                     dequantize_base(densify(model)).save_pretrained(tmp)
                 else:
                     result["factored"] = save_factored(model, tmp)
@@ -162,7 +173,9 @@ def run(args: argparse.Namespace) -> int:
               + (f" (recovers {rec:.1%} of the loss increase)" if rec is not None else ""))
     if out is not None:
         size = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".safetensors", ".bin"))
-        kind = "factors; rankwise --model loads it" if "factored" in result else "plain transformers model"
+        kind = ("factors; rankwise --model loads it" if "factored" in result else
+                "base with the low-rank layers zero + their PEFT LoRA in adapter/" if args.peft else
+                "plain transformers model")
         print(f"wrote {out} ({kind}; weights {size / 2**20:.1f} MiB; report in welore.json"
               + (f", EoRA adapter in {out / ADAPTER})" if args.eora else ")"))
     return 0

@@ -45,6 +45,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "--out` folder, a transformers folder (save_pretrained) or a Hugging Face hub name")
     p.add_argument("--data", help=f"stdlib-docs, stdlib-code, a .txt/.jsonl file or folder, hf:NAME[:CONFIG] "
                                   f"(default {d.data})")
+    p.add_argument("--pad", dest="pack", action="store_const", const=False,
+                   help="instruction data ({prompt, completion} / {messages} .jsonl): one right-padded example per "
+                        "row instead of packing examples into windows (the loss is masked on prompts either way)")
     p.add_argument("--vocab-size", type=int, help=f"tokenizer vocabulary (default {d.vocab_size})")
     p.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {d.batch_size})")

@@ -49,15 +49,30 @@ def squeezed_factors(layer: LoRA, rank: int, **svd_options) -> tuple[torch.Tenso
     return (u * root).to(layer.lora_B.dtype), (root[:, None] * vh).to(layer.lora_A.dtype)
 
 
+def energy_rank(layer: LoRA, energy: float, max_rank: int) -> int:
+    """The smallest ``k <= max_rank`` whose top-``k`` singular values of ``s B A`` hold ``energy`` of ``||s B A||_F^2``
+    (exact: the SVD of the rank-``R`` product from its factors)."""
+    if not 0.0 < energy <= 1.0:
+        raise RankwiseError(f"squeeze energy must be in (0, 1], got {energy}")
+    b, a = layer.lora_B.detach(), layer.lora_A.detach()
+    _, s, _ = factored_svd(b, a, min(b.shape[1], b.shape[0], a.shape[1]))  # every singular value (exact)
+    captured = (s.square().cumsum(0) / s.square().sum().clamp_min(torch.finfo(s.dtype).tiny))
+    return int(min(max_rank, int((captured < energy - 1e-7).sum()) + 1))
+
+
 @torch.no_grad()
-def squeeze_lora(model: nn.Module, rank: int, **svd_options) -> nn.Module:
-    """Post hoc: every active LoRA of ``model`` becomes a rank-``rank`` LoRA (new, smaller parameters)."""
+def squeeze_lora(model: nn.Module, rank: int, energy: float | None = None, **svd_options) -> nn.Module:
+    """Post hoc: every active LoRA of ``model`` becomes a rank-``rank`` LoRA (new, smaller parameters); with
+    ``energy``, each layer gets its own rank, the smallest keeping that fraction of its update's energy (at most
+    ``rank``), saved as PEFT's ``rank_pattern``."""
     loras = [p for p in active_parameterizations(model).values() if isinstance(p, LoRA)]
     if not loras:
         raise RankwiseError("squeeze_lora found no active LoRA adapter in the model")
     for layer in loras:
-        b, a = squeezed_factors(layer, rank, **svd_options)
-        layer.r, layer.scaling = rank, layer.alpha / (math.sqrt(rank) if layer.rslora else rank)
+        layer_rank = rank if energy is None else energy_rank(layer, energy, rank)
+        b, a = squeezed_factors(layer, layer_rank, **svd_options)
+        layer.r, layer.saved_rank = layer_rank, None
+        layer.scaling = layer.alpha / (math.sqrt(layer_rank) if layer.rslora else layer_rank)
         layer.lora_B, layer.lora_A = nn.Parameter(b), nn.Parameter(a)
     return model
 
@@ -71,6 +86,7 @@ def anneal_rank(layer: LoRA, rank: int, optimizer: torch.optim.Optimizer | None 
     root = s.sqrt()
     layer.lora_B.zero_()[:, :rank] = (u * root).to(layer.lora_B.dtype)
     layer.lora_A.zero_()[:rank] = (root[:, None] * vh).to(layer.lora_A.dtype)
+    layer.saved_rank = rank  # files hold the first ``rank`` pairs (the others are zero)
     if optimizer is not None:
         optimizer.state.pop(layer.lora_A, None)
         optimizer.state.pop(layer.lora_B, None)
