@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import RankwiseError
+from .batched import batched_step
 from .blocks import BLOCK_SELECTORS, ORDERS, make_selector
 from .projectors import COORDINATE_SUBSETS, PROJECTORS, Projector, canonical, make_projector
 from .rules import INNER_RULES, RESIDUAL_RULES, InnerRule, make_inner, make_residual
@@ -80,6 +81,8 @@ class SplitOptimizer(torch.optim.Optimizer):
             the ids the selector chooses from (default: those of the group; groups sharing them share the choice).
         layerwise: update in post-accumulate-grad hooks (see module docstring).
     """
+
+    batched = True  # step() batches what ``batched.py`` covers; False: every param through ``_update``
 
     def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], projector: str = "svd",
                  inner: str = "adamw", residual: str = "drop", rank: int = 128, update_gap: int = 200,
@@ -204,9 +207,9 @@ class SplitOptimizer(torch.optim.Optimizer):
         if self.layerwise:
             return loss
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in batched_step(self, group, params) if self.batched else params:
+                self._update(p, group)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -220,6 +223,10 @@ class SplitOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.to(p.device, copy=True)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._selection = {}
+
+    def _seed(self, p: torch.Tensor, group: dict[str, Any], t: int) -> int:
+        """The seed of ``p``'s basis / index set in the period of update ``t``."""
+        return _mix(group["seed"], self._index[p], t // group["update_gap"])
 
     def _hook(self, p: torch.Tensor) -> None:
         with torch.no_grad():
@@ -312,8 +319,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if refresh:
             old = state.get("index")
             k = sub.count(p.shape, group["rank"], group["density"])
-            state["index"] = sub.pick(p.shape, k, _mix(group["seed"], self._index[p], t // group["update_gap"]),
-                                      g.device)
+            state["index"] = sub.pick(p.shape, k, self._seed(p, group, t), g.device)
         idx = state["index"]
         low = sub.down(g, idx)
         if "step" not in state:
@@ -341,7 +347,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if refresh:
             if group["moments"] == "rotate" and "step" in state:
                 old = proj.dense(proj.handle(state, gt), d)
-            proj.refresh(p.grad, state, _mix(group["seed"], self._index[p], t // group["update_gap"]))
+            proj.refresh(p.grad, state, self._seed(p, group, t))
         h = proj.handle(state, gt)
         low = proj.down(gt, h)
         if "step" not in state:

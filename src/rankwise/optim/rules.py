@@ -51,9 +51,21 @@ class InnerRule:
     def direction(self, g: torch.Tensor, state: State, group: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def directions(self, gs: list[torch.Tensor], states: list[State], group: dict[str, Any]) -> list[torch.Tensor]:
+        """``direction`` of many params at once with ``torch._foreach_*`` ops, the same arithmetic elementwise
+        (what ``SplitOptimizer``'s batched step calls; rules without it take the per-param path)."""
+        raise NotImplementedError
+
     def gain(self, state: State, group: dict[str, Any]) -> float:
         """The step-size factor c of the last direction, u = c * n (1 unless the rule has one)."""
         return 1.0
+
+
+def _count(states: list[State]) -> list[float]:
+    """``step += 1`` for every state; the new step counts as floats (the states' ``step`` live on the CPU)."""
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1)
+    return [s.item() for s in steps]
 
 
 class Adam(InnerRule):
@@ -79,6 +91,20 @@ class Adam(InnerRule):
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
         return (m / (1 - beta1 ** t)).div_(denom)
+
+    def directions(self, gs, states, group):
+        beta1, beta2 = group["betas"]
+        ts = _count(states)
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in ts])
+        torch._foreach_add_(denom, group["eps"])
+        u = torch._foreach_div(ms, [1 - beta1 ** t for t in ts])
+        torch._foreach_div_(u, denom)
+        return u
 
 
 class AdamW(Adam):
@@ -111,6 +137,20 @@ class AdamWHF(Adam):
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         return (m / v.sqrt().add_(group["eps"])).mul_(self.gain(state, group))
 
+    def directions(self, gs, states, group):
+        beta1, beta2 = group["betas"]
+        ts = _count(states)
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, gs, alpha=1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, group["eps"])
+        u = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(u, [math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) for t in ts])
+        return u
+
     def gain(self, state: State, group: dict[str, Any]) -> float:
         beta1, beta2 = group["betas"]
         t = state["step"].item()
@@ -135,6 +175,19 @@ class SGDMomentum(InnerRule):
             buf.mul_(mu).add_(g)
         state["step"] += 1
         return g.add(buf, alpha=mu) if group["nesterov"] else buf
+
+    def directions(self, gs, states, group):
+        mu = group["momentum"]
+        bufs = [s["momentum_buffer"] for s in states]
+        first = [s["step"].item() == 0 for s in states]
+        if any(first):
+            torch._foreach_copy_([b for b, f in zip(bufs, first) if f], [g for g, f in zip(gs, first) if f])
+        if not all(first):
+            later = [b for b, f in zip(bufs, first) if not f]
+            torch._foreach_mul_(later, mu)
+            torch._foreach_add_(later, [g for g, f in zip(gs, first) if not f])
+        _count(states)
+        return torch._foreach_add(gs, bufs, alpha=mu) if group["nesterov"] else bufs
 
 
 INNER_RULES: dict[str, type[InnerRule]] = {r.name: r for r in (Adam, AdamW, AdamWHF, SGDMomentum)}
@@ -212,22 +265,30 @@ class FiraResidual(ResidualRule):
         return group["scale"]
 
     def column_scale(self, gt, g_low, u_low, state, group, basis):
-        """phi / limiter per column, times c. ||S|| comes from column norms without forming S (g_j = P^T G_j):
+        """phi / limiter per column, times c (see ``scales``)."""
+        gain = make_inner(group["inner"]).gain(state, group)
+        c, norm = self.scales(gt, g_low, u_low, basis, gain, state.get("residual_norm"), group)
+        state["residual_norm"] = norm
+        return c
+
+    def scales(self, gt: torch.Tensor, g_low: torch.Tensor, u_low: torch.Tensor, basis: torch.Tensor,
+               gain: float | torch.Tensor, prev: torch.Tensor | None, group: dict[str, Any]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, ||S||) of one matrix, or of a stack of them (leading batch dims; ``gain`` and ``prev`` then one per
+        matrix, shaped to broadcast). ||S|| comes from column norms without forming S (g_j = P^T G_j):
         ||G_j - w P g_j||^2 = ||G_j||^2 - 2w ||g_j||^2 + w^2 g_j^T (P^T P) g_j, exact even where P is orthonormal
         only to the precision of its SVD (an fp32 basis for fp64 weights)."""
-        gain = make_inner(group["inner"]).gain(state, group)
         w = self.subspace_weight(group)
-        low_sq = g_low.square().sum(0)
-        phi = u_low.square().sum(0).sqrt() / gain / (low_sq.sqrt() + 1e-8)  # per column of the (r, D) gradient
-        back_sq = ((basis.t() @ basis) @ g_low).mul_(g_low).sum(0)  # ||P g_j||^2
-        resid_sq = (gt.square().sum(0) - 2 * w * low_sq + w * w * back_sq).clamp(min=0)
-        norm = (phi.square() * resid_sq).sum().sqrt()
-        if "residual_norm" in state:
-            limiter = torch.clamp(norm / (state["residual_norm"] + 1e-8), min=self.gamma) / self.gamma
+        low_sq = g_low.square().sum(-2)
+        phi = u_low.square().sum(-2).sqrt() / gain / (low_sq.sqrt() + 1e-8)  # per column of the (r, D) gradient
+        back_sq = ((basis.transpose(-2, -1) @ basis) @ g_low).mul_(g_low).sum(-2)  # ||P g_j||^2
+        resid_sq = (gt.square().sum(-2) - 2 * w * low_sq + w * w * back_sq).clamp(min=0)
+        norm = (phi.square() * resid_sq).sum(-1, keepdim=True).sqrt()
+        if prev is not None:
+            limiter = torch.clamp(norm / (prev + 1e-8), min=self.gamma) / self.gamma
             phi = phi / limiter
             norm = norm / limiter
-        state["residual_norm"] = norm.to(torch.promote_types(norm.dtype, torch.float32)).reshape(())  # >= fp32
-        return phi * gain
+        return phi * gain, norm.to(torch.promote_types(norm.dtype, torch.float32)).squeeze(-1)  # >= fp32
 
 
 class FiraExactResidual(FiraResidual):
