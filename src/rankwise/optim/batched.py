@@ -107,14 +107,14 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
     elif wd and not inner.decay_after:
         torch._foreach_mul_(done, 1 - lr * wd)
     g_of = dict(zip(done, grads))
-    for ps, alpha in ((plain, -lr), (active, -lr * group["scale"])):
+    for ps, step_lr in ((plain, lr), (active, lr * group["scale"])):
         for chunk in _chunks(ps, BATCH_NUMEL):
             states = [opt.state[p] for p in chunk]
             gs = [g_of[p] for p in chunk]
             for s, g in zip(states, gs):
                 if "step" not in s:
                     inner.init(s, g)
-            torch._foreach_add_(chunk, inner.directions(gs, states, group), alpha=alpha)
+            inner.apply_(chunk, gs, states, group, step_lr)
     for chunk in _chunks(inactive, BATCH_NUMEL):
         directions = WHOLE_RESIDUAL[type(residual)]([g_of[p] for p in chunk])
         torch._foreach_add_(chunk, directions, alpha=-lr * group["residual_lr_scale"])

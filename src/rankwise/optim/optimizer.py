@@ -20,6 +20,10 @@ not projected (1-D ones, and any group with ``project=False``) get the inner rul
 Weight decay: ``adam`` / ``sgd`` add ``wd * W`` to the gradient (L2); ``adamw`` scales ``W <- W (1 - lr wd)`` before
 the update (torch); ``adamw_hf`` applies ``W <- W - lr wd W`` to the updated weights (transformers).
 
+``step()`` updates what ``batched.py`` covers in batches (``bmm`` over matrices of one shape, ``torch._foreach_*``
+over the rest; the same arithmetic, bit-exact on the CPU) and everything else one param at a time (``_update``, also
+the layer-wise hooks' path); ``SplitOptimizer.batched = False`` turns batching off.
+
 Every option is also a param-group key, so groups can differ (e.g. embeddings plain, attention projected). ``lr``
 stays in ``param_groups`` for LR schedulers. ``layerwise=True`` runs each parameter's update inside a
 post-accumulate-grad hook and frees its gradient right away (GaLore's per-layer weight update, arXiv 2403.03507
@@ -256,7 +260,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if not self._projected(p, group):
             if "step" not in state:
                 inner.init(state, g)
-            p.add_(inner.direction(g, state, group), alpha=-lr)
+            inner.apply_([p], [g], [state], group, lr)
         elif group["projector"] in BLOCK_SELECTORS:
             self._block_update(p, g, state, group, inner, t)
         elif group["projector"] in COORDINATE_SUBSETS:
@@ -302,7 +306,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if self._block[p] in self._active(group, period):
             if "step" not in state or (offset == 0 and group["moments"] == "reset"):
                 inner.init(state, g)
-            p.add_(inner.direction(g, state, group), alpha=-group["lr"] * group["scale"])
+            inner.apply_([p], [g], [state], group, group["lr"] * group["scale"])
             return
         if group["moments"] == "reset":
             inner.drop(state)

@@ -4,7 +4,10 @@ An inner rule turns a gradient ``g`` (any shape; the projected (r, D) one, or a 
 direction ``u = c * n`` with the update ``p <- p - lr * u``: ``n`` the normalized direction, ``c`` a scalar
 step-size factor (``gain``: sqrt(bc2)/bc1 for ``adamw_hf``, 1 for the others). Its state (moments, a float32 scalar
 ``step`` as in ``torch.optim``) lives in the param's optimizer state. It can reset its moments, or rotate them into a
-new basis (``R = P_new^T P_old``) when the projector refreshes.
+new basis (``R = P_new^T P_old``) when the projector refreshes. ``directions`` is ``direction`` for many params with
+``torch._foreach_*`` ops (the batched step); ``apply_`` updates params by their whole gradients (plain params,
+selected blocks) and may fuse the step: Adam / AdamW as ``torch.optim.AdamW`` (``addcdiv``, bit for bit), ``adamw_hf``
+as galore-torch's and Fira's unprojected params.
 
 A residual rule turns ``Gt - w P P^T Gt`` (w = ``subspace_weight``, 1 except for Fira) into a direction applied with
 its own learning rate (``lr * residual_lr_scale``); only ``fira`` / ``fira_exact`` keep state (one scalar).
@@ -56,6 +59,13 @@ class InnerRule:
         (what ``SplitOptimizer``'s batched step calls; rules without it take the per-param path)."""
         raise NotImplementedError
 
+    def apply_(self, params: list[torch.Tensor], gs: list[torch.Tensor], states: list[State], group: dict[str, Any],
+               lr: float) -> None:
+        """``p <- p - lr * direction(g)`` for whole gradients (plain params, selected blocks), both paths; rules may
+        fuse it (Adam: torch's ``addcdiv``). Default: one ``direction`` per param."""
+        for p, g, state in zip(params, gs, states):
+            p.add_(self.direction(g, state, group), alpha=-lr)
+
     def gain(self, state: State, group: dict[str, Any]) -> float:
         """The step-size factor c of the last direction, u = c * n (1 unless the rule has one)."""
         return 1.0
@@ -93,6 +103,19 @@ class Adam(InnerRule):
         return (m / (1 - beta1 ** t)).div_(denom)
 
     def directions(self, gs, states, group):
+        ts, ms, denom = self._moments(gs, states, group)
+        u = torch._foreach_div(ms, [1 - group["betas"][0] ** t for t in ts])
+        torch._foreach_div_(u, denom)
+        return u
+
+    def apply_(self, params, gs, states, group, lr):
+        """``torch.optim.AdamW``'s (foreach and for-loop) arithmetic: p <- p - (lr / bc1) * m / denom."""
+        ts, ms, denom = self._moments(gs, states, group)
+        torch._foreach_addcdiv_(params, ms, denom, [(lr / (1 - group["betas"][0] ** t)) * -1 for t in ts])
+
+    @staticmethod
+    def _moments(gs, states, group):
+        """Moment updates; (steps, first moments, sqrt(v / bc2) + eps) for many params."""
         beta1, beta2 = group["betas"]
         ts = _count(states)
         ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
@@ -102,9 +125,7 @@ class Adam(InnerRule):
         denom = torch._foreach_sqrt(vs)
         torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in ts])
         torch._foreach_add_(denom, group["eps"])
-        u = torch._foreach_div(ms, [1 - beta1 ** t for t in ts])
-        torch._foreach_div_(u, denom)
-        return u
+        return ts, ms, denom
 
 
 class AdamW(Adam):
@@ -139,6 +160,26 @@ class AdamWHF(Adam):
 
     def directions(self, gs, states, group):
         beta1, beta2 = group["betas"]
+        ts, n = self._normalized(gs, states, group)
+        torch._foreach_mul_(n, [math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) for t in ts])
+        return n
+
+    def apply_(self, params, gs, states, group, lr):
+        """galore-torch's / Fira's arithmetic for an unprojected param: p <- p - step_size * (m / denom),
+        step_size = lr * sqrt(bc2) / bc1 (one ``add_`` per distinct step count)."""
+        beta1, beta2 = group["betas"]
+        ts, n = self._normalized(gs, states, group)
+        by_step: dict[float, list[int]] = {}
+        for i, t in enumerate(ts):
+            by_step.setdefault(t, []).append(i)
+        for t, idx in by_step.items():
+            step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            torch._foreach_add_([params[i] for i in idx], [n[i] for i in idx], alpha=-step_size)
+
+    @staticmethod
+    def _normalized(gs, states, group):
+        """Moment updates; (steps, m / (sqrt(v) + eps)) for many params."""
+        beta1, beta2 = group["betas"]
         ts = _count(states)
         ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         torch._foreach_mul_(ms, beta1)
@@ -147,9 +188,7 @@ class AdamWHF(Adam):
         torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
         denom = torch._foreach_sqrt(vs)
         torch._foreach_add_(denom, group["eps"])
-        u = torch._foreach_div(ms, denom)
-        torch._foreach_mul_(u, [math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) for t in ts])
-        return u
+        return ts, torch._foreach_div(ms, denom)
 
     def gain(self, state: State, group: dict[str, Any]) -> float:
         beta1, beta2 = group["betas"]
@@ -188,6 +227,9 @@ class SGDMomentum(InnerRule):
             torch._foreach_add_(later, [g for g, f in zip(gs, first) if not f])
         _count(states)
         return torch._foreach_add(gs, bufs, alpha=mu) if group["nesterov"] else bufs
+
+    def apply_(self, params, gs, states, group, lr):
+        torch._foreach_add_(params, self.directions(gs, states, group), alpha=-lr)
 
 
 INNER_RULES: dict[str, type[InnerRule]] = {r.name: r for r in (Adam, AdamW, AdamWHF, SGDMomentum)}
