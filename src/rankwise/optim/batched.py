@@ -91,8 +91,8 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
                 if group["moments"] == "reset":
                     inner.drop(state)
                 inactive.append(p)
-        elif proj in BATCHED_PROJECTORS and (type(residual) not in FIRA
-                                                   or p.dtype in (torch.float32, torch.float64)):
+        elif proj in BATCHED_PROJECTORS and (type(residual) not in FIRA or p.dtype in (torch.float32,
+                                                                                       torch.float64)):
             key = (tuple(p.shape), opt._rank(p, group), p.dtype, p.device, "residual_norm" in state)
             buckets.setdefault(key, []).append(p)
         else:
