@@ -9,7 +9,8 @@ optimizer step) at steady state (after the step-0 subspace fit; ``update_gap`` i
 ``repeats`` times in interleaved order; reported: median seconds per step, and ours / anchor ratios (anchor:
 ``torch.optim.AdamW(foreach=True)``; ``torch-adamw-loop`` is its ``foreach=False``). The optimizer step alone is timed
 too (the part that differs). ``NAME@perparam`` is preset NAME with ``SplitOptimizer.batched = False`` (the per-param
-path; the batched step's before / after in one run).
+path; the batched step's before / after in one run). ``--opt-only`` times ``optimizer.step()`` alone on one fixed
+set of gradients (no forward / backward: quicker and steadier on a loaded machine; the same arithmetic per step).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
                     help="1 thread, process CPU time instead of wall time (robust on a shared, loaded machine)")
     ap.add_argument("--optimizers", nargs="+", default=["torch-adamw", "adamw", "galore", "galore-torch", "fira",
                                                          "frugal", "galore-rsvd", "galore-random", "badam", "lisa"])
+    ap.add_argument("--opt-only", action="store_true", help="time optimizer.step() alone, on fixed gradients")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1 if args.cpu_time else min(2, torch.get_num_threads()))
@@ -79,10 +81,13 @@ def main() -> None:
         step(model, opt, x, device)  # the step-0 fit / state allocation: not steady state
     totals: dict[str, list[float]] = {n: [] for n in runs}
     opt_only: dict[str, list[float]] = {n: [] for n in runs}
+    if args.opt_only:
+        for model, opt in runs.values():
+            model(input_ids=x[:, :-1], labels=x[:, :-1]).loss.backward()
     for _ in range(args.repeats):
         for name, (model, opt) in runs.items():
             for _ in range(args.steps):
-                t_total, t_opt = step(model, opt, x, device)
+                t_total, t_opt = opt_step(opt, device) if args.opt_only else step(model, opt, x, device)
                 totals[name].append(t_total)
                 opt_only[name].append(t_opt)
     med = {n: statistics.median(v) for n, v in totals.items()}
@@ -115,6 +120,16 @@ def step(model, opt, x, device) -> tuple[float, float]:
     sync()
     t2 = clock()
     return t2 - t0, t2 - t1
+
+
+def opt_step(opt, device) -> tuple[float, float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = clock()
+    opt.step()
+    sync()
+    t = clock() - t0
+    return t, t
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def _subspace(opt: SplitOptimizer, group: dict[str, Any], proj: Projector, inner
                 old[i] = proj.dense(proj.handle(state, gts[i]), d)
             proj.refresh(p.grad, state, opt._seed(p, group, t))
     h = proj.handles(states, gts)  # (B, d, r)
-    stacked = torch.stack(grads)
+    stacked = torch.stack(grads) if len(grads) > 1 else grads[0].unsqueeze(0)  # a batch of one: no copy
     gt = stacked.transpose(1, 2) if ps[0].shape[0] >= ps[0].shape[1] else stacked  # canonical, per-param strides
     low = torch.bmm(h.transpose(1, 2), gt)  # (B, r, D)
     lows = list(low.unbind(0))
