@@ -12,8 +12,9 @@ Same arithmetic, op for op, as the per-param path, which stays both the referenc
 
 The state stays per param, exactly as the per-param path keeps it (``state_dict`` unchanged). Stacks hold at most
 ``BATCH_NUMEL`` elements, which bounds the transient memory of the batched step (a matrix larger than that is a batch
-of one). Everything else takes the per-param path: inner rules, residual rules and projectors whose exact type is not
-in the ``BATCHED_*`` tables (a subclass or a new rule opts in by being added there, once it has the batched forms),
+of one); foreach lists of CPU tensors ``CPU_FOREACH_NUMEL``, so that each list's data stays in cache. Everything
+else takes the per-param path: inner rules, residual rules and projectors whose exact type is not in the
+``BATCHED_*`` tables (a subclass or a new rule opts in by being added there, once it has the batched forms),
 coordinate subsets, layer-wise hooks, params, gradients or states that are not plain dense tensors (DTensor,
 quantized states), states with keys this module does not know, Fira on low-precision params.
 """
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from .optimizer import SplitOptimizer
 
 BATCH_NUMEL = 1 << 24  # elements per stacked gradient (64 MiB in fp32)
+# elements per foreach list on the CPU, where a foreach op is a loop of per-tensor kernels: a list that fits in cache
+# keeps its data there across the rule's ops (measured on the tiny preset: 1.5x slower with one list of everything)
+CPU_FOREACH_NUMEL = 1 << 16
 BATCHED_INNER = (Adam, AdamW, AdamWHF, SGDMomentum)
 BATCHED_RESIDUAL = (Drop, SGDResidual, SignSGDResidual, FiraResidual, FiraExactResidual)
 BATCHED_PROJECTORS = (SVD, RandomizedSVD, RandomGaussian)
@@ -57,6 +61,10 @@ def _chunks(ps: list[torch.Tensor], numel: int) -> list[list[torch.Tensor]]:
         out[-1].append(p)
         n += p.numel()
     return out
+
+
+def _foreach_chunks(ps: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    return _chunks(ps, CPU_FOREACH_NUMEL if ps and ps[0].device.type == "cpu" else BATCH_NUMEL)
 
 
 def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -108,14 +116,14 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
         torch._foreach_mul_(done, 1 - lr * wd)
     g_of = dict(zip(done, grads))
     for ps, step_lr in ((plain, lr), (active, lr * group["scale"])):
-        for chunk in _chunks(ps, BATCH_NUMEL):
+        for chunk in _foreach_chunks(ps):
             states = [opt.state[p] for p in chunk]
             gs = [g_of[p] for p in chunk]
             for s, g in zip(states, gs):
                 if "step" not in s:
                     inner.init(s, g)
             inner.apply_(chunk, gs, states, group, step_lr)
-    for chunk in _chunks(inactive, BATCH_NUMEL):
+    for chunk in _foreach_chunks(inactive):
         directions = WHOLE_RESIDUAL[type(residual)]([g_of[p] for p in chunk])
         torch._foreach_add_(chunk, directions, alpha=-lr * group["residual_lr_scale"])
     for (shape, rank, *_), ps in buckets.items():
