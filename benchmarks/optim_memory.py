@@ -33,7 +33,7 @@ def main() -> None:
         rank = RANKS.get(preset, 128)
         sizes = {}
         for name in PRESETS:
-            kw = {"rank": rank} if name in ("galore", "fira", "frugal") else {}
+            kw = {"rank": rank} if name.removesuffix("-8bit") in ("galore", "fira", "frugal") else {}
             sizes[name] = build(name, model, **kw).expected_state_bytes()
         cells = [f"{b / 2**30:.3f} ({100 * b / sizes['adamw']:.0f}%)" for b in sizes.values()]
         print(f"| {preset} | {rank} | " + " | ".join(cells) + " |")

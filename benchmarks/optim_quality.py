@@ -14,7 +14,7 @@ import torch
 
 from rankwise.train import TrainConfig, train
 
-METHODS = ("full", "galore", "fira", "frugal", "badam", "lisa")
+METHODS = ("full", "galore", "fira", "apollo", "apollo-mini", "frugal", "badam", "lisa")
 
 
 def parse(spec: str) -> tuple[str, dict]:
@@ -25,7 +25,7 @@ def parse(spec: str) -> tuple[str, dict]:
 
 def run(spec: str, steps: int, rank: int, lr: float, seed: int = 0) -> dict:
     method, extra = parse(spec)
-    options = {"rank": rank, **extra} if method in ("galore", "fira", "frugal", "split") else extra
+    options = {"rank": rank, **extra} if method in ("galore", "fira", "apollo", "frugal", "split") else extra
     cfg = TrainConfig(preset="tiny", method=method, method_options=options, steps=steps, batch_size=8, seq_len=64,
                       lr=lr, warmup_steps=max(1, steps // 10), dtype="fp32", eval_every=0, eval_batches=8,
                       seed=seed, quiet=True)

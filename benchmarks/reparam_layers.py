@@ -5,6 +5,7 @@
 Rows (median of repeats, forward + backward of one layer, bf16 autocast on CPU unless --fp32):
 - SLTrain (ours: custom autograd, dense W rebuilt in backward) vs the same maths with plain autograd (dense W saved)
   and vs a dense ``nn.Linear``: time ratio and bytes saved for backward.
+- SST (ours: custom autograd, saves only the input) vs ``U diag(sigma) V^T`` under plain autograd; LOST.
 - low-rank ``W = B A`` and ReLoRA vs dense ``nn.Linear``.
 - ``refactorize`` (QR + r x r SVD, batched) vs a full SVD of the m x n product ``B A``.
 """
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.reparam import LowRankLinear, ReLoRALinear, SparseLowRankLinear, refactorize
+from rankwise.reparam import (ChannelSparseLowRankLinear, LowRankLinear, ReLoRALinear, SparseLowRankLinear,
+                              SpectralLinear, refactorize)
 
 
 class NaiveSparseLowRank(nn.Module):
@@ -34,6 +36,19 @@ class NaiveSparseLowRank(nn.Module):
         w = (o.lora_B @ o.lora_A) * o.scale
         w = w.flatten().index_add(0, o.sparse_indices, o.sparse_values.to(w.dtype)).view_as(w)
         return F.linear(x, w)
+
+
+class NaiveSpectral(nn.Module):
+    """SST's maths under plain autograd: ``F.linear(x, [U, U_f] diag(sigma[perm]) [V, V_f]^T)``."""
+
+    def __init__(self, ours: SpectralLinear):
+        super().__init__()
+        self.ours = ours
+
+    def forward(self, x):
+        o = self.ours
+        U, V = torch.cat([o.U, o.U_frozen], 1), torch.cat([o.V, o.V_frozen], 1)
+        return F.linear(x, (U * o.sigma[o.perm]) @ V.t())
 
 
 def measure(layer: nn.Module, x: torch.Tensor, repeats: int, autocast: bool) -> tuple[float, int]:
@@ -81,6 +96,9 @@ def main() -> None:
     layers = {"dense nn.Linear": dense, "sltrain (ours)": sl, "sltrain (plain autograd)": NaiveSparseLowRank(sl),
               "lowrank B A": LowRankLinear(args.dim, args.ffn, args.rank),
               "relora W + B A": ReLoRALinear(dense, args.rank)}
+    sst = SpectralLinear(dense.weight, None, args.rank)
+    layers.update({"sst (ours)": sst, "sst (plain autograd)": NaiveSpectral(sst),
+                   "lost": ChannelSparseLowRankLinear(dense.weight, None, args.rank)})
     results = {name: measure(layer, x, args.repeats, autocast) for name, layer in layers.items()}
     base_t, base_b = results["dense nn.Linear"]
     naive_t, naive_b = results["sltrain (plain autograd)"]
@@ -91,6 +109,10 @@ def main() -> None:
     for name, (t, b) in results.items():
         print(f"| {name} | {t * 1e3:.1f} | {t / base_t:.2f}x | {t / naive_t:.2f}x | {b / 2**20:.1f} |")
     print(f"SLTrain saved-for-backward bytes, ours / plain autograd: {results['sltrain (ours)'][1] / naive_b:.3f}")
+    ours_t, ours_b = results["sst (ours)"]
+    plain_t, plain_b = results["sst (plain autograd)"]
+    print(f"SST ours / plain autograd: time {ours_t / plain_t:.2f}x, saved-for-backward bytes "
+          f"{ours_b / max(plain_b, 1):.3f}")
 
     # refactorization: 7 projections per block in one call vs a full SVD of each m x n product
     pairs = [(torch.randn(args.ffn, args.rank), torch.randn(args.rank, args.dim)) for _ in range(4)]

@@ -47,6 +47,25 @@ def test_successive_halving_finds_the_minimum_of_a_synthetic_bowl(optimum):
     assert all(t.sd >= 0 for t in trials)
 
 
+def test_successive_halving_extends_the_full_horizon_past_a_best_lr_at_its_edge():
+    """The short rung's optimum is 8x the full horizon's (short schedules favour larger lrs): the survivors are all
+    above the true optimum, so the best full-horizon lr is their smallest; its smaller neighbours then run the full
+    horizon one at a time until the best has a full-horizon lr on each side."""
+    grid = lr_grid(1e-3, 7, 64.0)  # 1.25e-4 ... 8e-3, factor 2
+    optimum = grid[1]
+    calls = []
+
+    def biased(lrs, steps):
+        calls.append((list(lrs), steps))
+        centre = optimum * (8 if steps < 300 else 1)
+        return [[(math.log(lr) - math.log(centre)) ** 2] for lr in lrs]
+
+    best, trials = successive_halving(grid, [75, 300], 3, biased)
+    assert best == optimum
+    assert calls == [(grid, 75), (grid[3:6], 300), ([grid[2]], 300), ([grid[1]], 300), ([grid[0]], 300)]
+    assert sorted(t.lr for t in trials if t.steps == 300) == grid[:6]
+
+
 def test_successive_halving_ignores_diverged_points_and_refuses_an_all_failed_grid():
     grid = [1e-3, 2e-3, 4e-3]
 

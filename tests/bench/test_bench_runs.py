@@ -95,8 +95,18 @@ def test_tune_then_bench_at_the_tuned_lrs(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "TUNED_LRS", shipped)
     runner.ship_tuned(tmp_path / "tuned.json", "rankwise bench --preset micro --tune")
     entry = json.loads(shipped.read_text())["presets"]["micro"]
-    assert entry["command"] == "rankwise bench --preset micro --tune" and entry["methods"] == tuned["methods"]
+    assert entry["commands"] == ["rankwise bench --preset micro --tune"] and entry["methods"] == tuned["methods"]
     assert runner.load_tuned("micro", None)[0]["galore"]["lr"] == tuned["methods"]["galore"]["lr"]
+    # a second sweep of the same protocol adds its methods; one of another protocol replaces the entry
+    more = {**tuned, "methods": {"extra": {**tuned["methods"]["full"], "label": "extra"}}}
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    runner.ship_tuned(tmp_path / "more.json", "second")
+    entry = json.loads(shipped.read_text())["presets"]["micro"]
+    assert set(entry["methods"]) == {*tuned["methods"], "extra"} and entry["commands"][-1] == "second"
+    (tmp_path / "other.json").write_text(json.dumps({**more, "steps": more["steps"] + 1}))
+    runner.ship_tuned(tmp_path / "other.json", "third")
+    entry = json.loads(shipped.read_text())["presets"]["micro"]
+    assert set(entry["methods"]) == {"extra"} and entry["commands"] == ["third"]
     assert runner.load_tuned("not-shipped", None)[0] == {}  # a preset without an entry: its default lrs
 
 

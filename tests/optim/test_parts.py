@@ -57,7 +57,7 @@ def test_rsvd_warm_start_tracks_a_rotated_subspace():
 
 def test_svd_random_coordinates_projectors_are_orthonormal_projections():
     g = torch.randn(24, 40)
-    for name in PROJECTORS:
+    for name in (n for n, cls in PROJECTORS.items() if cls.orthonormal):
         proj, state = make_projector(name, 6), {}
         proj.fit(g, state, seed=5)
         h = proj.handle(state, g)
@@ -138,6 +138,73 @@ def test_frugal_residual_is_state_free_sign_or_sgd(rule, f):
     assert set(opt.state[w]) == {"step", "exp_avg", "exp_avg_sq", "basis", "updates"}
 
 
+def test_gaussian_projector_preserves_norms_and_is_not_stored():
+    """APOLLO's P has N(0, 1/r) entries: E[P P^T] = I, so ||P^T g|| ~ ||g|| (an orthonormal P keeps sqrt(r/d) of
+    it); the same seed gives the same P, and the state holds no tensor."""
+    g = torch.randn(128, 300, generator=torch.Generator().manual_seed(0))
+    proj, state = make_projector("gaussian", 32), {}
+    proj.refresh(g.t(), state, seed=7)  # (300, 128): m >= n, a right projection of the 128 side
+    h = proj.handle(state, g)
+    assert h.shape == (128, 32) and torch.equal(h, proj.handle(state, g))
+    ratio = (h.t() @ g).norm(dim=0) / g.norm(dim=0)
+    assert abs(ratio.mean().item() - 1) < 0.05 and ratio.min() > 0.5
+    assert not any(torch.is_tensor(v) for v in state.values())
+
+
+def grads_with_norm_growth(factor: float, steps: int = 6) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 20, generator=gen)
+    return [base * factor ** t + 0.01 * torch.randn(12, 20, generator=gen) for t in range(steps)]
+
+
+@pytest.mark.parametrize("residual", ["apollo", "apollo_tensor"])
+def test_apollo_with_unit_scaling_is_sgd_on_the_raw_gradient(residual):
+    """With momentum-free SGD as the inner rule, u = P^T G and every factor ||u_j|| / ||g_j|| is 1 (to 1e-8):
+    APOLLO is then SGD with lr * sqrt(scale) on the raw full gradient, while norms shrink; when they grow by more
+    than 1.01x a step, the limiter caps each update's norm at 1.01x the previous one."""
+    for factor in (0.9, 1.5):
+        w = torch.nn.Parameter(torch.zeros(12, 20, dtype=torch.float64))
+        opt = SplitOptimizer([w], projector="gaussian", inner="sgd", momentum=0.0, residual=residual, rank=4,
+                             scale=4.0, lr=0.1, update_gap=2)
+        updates, before = [], w.detach().clone()
+        for g in grads_with_norm_growth(factor):
+            w.grad = g.double()
+            opt.step()
+            updates.append(w.detach() - before)
+            before = w.detach().clone()
+        if factor < 1:
+            for u, g in zip(updates, grads_with_norm_growth(factor)):
+                assert torch.allclose(u, -0.1 * 2.0 * g.double(), rtol=1e-6, atol=0)
+        else:
+            norms = [u.norm().item() for u in updates]
+            assert norms[0] == pytest.approx(0.2 * grads_with_norm_growth(factor)[0].norm().item(), rel=1e-6)
+            assert all(b == pytest.approx(1.01 * a, rel=1e-6) for a, b in zip(norms, norms[1:]))
+
+
+@pytest.mark.parametrize("residual,rank", [("apollo_tensor", 1), ("apollo", 3)])
+def test_apollo_scale_is_the_norm_ratio_of_the_low_rank_adam(residual, rank):
+    """One step from zero (no limiter yet): W = -lr * c * sqrt(scale) * G * s with s = ||n|| / ||P^T G|| for the
+    whole tensor (APOLLO-Mini) or per column of the long side (APOLLO), n = m / (sqrt(v) + eps); no basis stored."""
+    g = torch.randn(10, 30, generator=torch.Generator().manual_seed(2), dtype=torch.float64)  # m < n: left
+    w = torch.nn.Parameter(torch.zeros(10, 30, dtype=torch.float64))
+    opt = SplitOptimizer([w], projector="gaussian", inner="adamw_hf", residual=residual, rank=rank, scale=128.0,
+                         lr=0.01, eps=1e-6)
+    w.grad = g.clone()
+    opt.step()
+    proj, state = make_projector("gaussian", rank), {}
+    proj.refresh(g, state, seed=1)  # apollo-torch's first seed: the param's 1-based position
+    low = proj.handle(state, g).t() @ g
+    n = 0.1 * low / ((0.001 * low.square()).sqrt() + 1e-6)
+    if rank == 1:
+        s = n.norm() / (low.norm() + 1e-8)
+    else:
+        s = n.norm(dim=0) / (low.norm(dim=0) + 1e-8)
+    gain = math.sqrt(1 - 0.999) / (1 - 0.9)
+    assert torch.allclose(w.detach(), -0.01 * gain * math.sqrt(128) * g * s, rtol=1e-12, atol=0)
+    assert set(opt.state[w]) == {"step", "exp_avg", "exp_avg_sq", "seed", "right", "residual_norm", "updates"}
+    assert opt.state[w]["exp_avg"].shape == (rank, 30)
+
+
 # --------------------------------------------------------------------------------------------- bad input
 def test_rank_errors_name_the_parameter():
     model = micro_model()
@@ -147,9 +214,10 @@ def test_rank_errors_name_the_parameter():
         build("galore", model, rank=0)
 
 
-@pytest.mark.parametrize("key,value,valid", [("projector", "pca", "svd, rsvd, random, coordinates, randk, columns, "
-                                                              "rows, block, layers"),
-                                             ("residual", "adam", "drop, sgd, signsgd, fira, fira_exact"),
+@pytest.mark.parametrize("key,value,valid", [("projector", "pca", "svd, rsvd, random, gaussian, coordinates, randk, "
+                                                              "columns, rows, block, layers"),
+                                             ("residual", "adam", "drop, sgd, signsgd, fira, fira_exact, apollo, "
+                                                          "apollo_tensor"),
                                              ("inner", "lion", "adam, adamw, adamw_hf, sgd"),
                                              ("moments", "zero", "keep, reset, rotate")])
 def test_unknown_part_lists_valid_ones(key, value, valid):

@@ -30,6 +30,8 @@ def plain_bytes(plain):  # AdamW: exp_avg + exp_avg_sq (float32) + a float32 ste
     ("galore", lambda m, n: min(m, n) * R * F32 + 2 * R * max(m, n) * F32 + 4),   # basis + 2 moments + step
     ("fira", lambda m, n: min(m, n) * R * F32 + 2 * R * max(m, n) * F32 + 4 + 4),  # + limiter's previous norm
     ("frugal", lambda m, n: min(m, n) * R * F32 + 2 * R * max(m, n) * F32 + 4),   # signSGD residual: nothing
+    ("apollo", lambda m, n: 2 * R * max(m, n) * F32 + 4 + 4),  # no basis (a seed), moments, step, limiter
+    ("apollo-mini", lambda m, n: 2 * R * max(m, n) * F32 + 4 + 4),
 ])
 def test_state_bytes_subspace_presets(name, per_matrix):
     model = micro_model()
@@ -125,6 +127,8 @@ def snapshot(model, opt) -> bytes:
     ("galore", {"projector": "rsvd"}), ("fira", {}), ("frugal", {"projector": "random", "moments": "rotate"}),
     ("frugal", {"projector": "coordinates"}), ("badam", {"block_order": "random"}), ("lisa", {}),
     ("frugal", {}), ("frugal", {"projector": "randk", "moments": "rotate"}), ("frugal", {"projector": "columns"}),
+    ("apollo", {}), ("apollo-mini", {}), ("galore", {"stagger": True}), ("apollo", {"stagger": True}),
+    ("frugal", {"projector": "columns", "stagger": True}),
 ])
 def test_state_dict_round_trip_resumes_bit_exact(name, options):
     kw = {"update_gap": 2, "lr": 1e-2, **options, **({} if name in ("badam", "lisa") else {"rank": R})}
@@ -144,7 +148,7 @@ def test_state_dict_round_trip_resumes_bit_exact(name, options):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", ["galore", "fira", "lisa"])
+@pytest.mark.parametrize("name", ["galore", "fira", "lisa", "apollo"])
 def test_layerwise_matches_step_and_frees_grads(name):
     """Updating inside post-accumulate-grad hooks gives the same weights; no gradient survives backward."""
     kw = {"rank": R} if name != "lisa" else {}

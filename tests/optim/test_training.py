@@ -14,7 +14,7 @@ from rankwise.errors import RankwiseError
 from rankwise.train import train
 
 PRESETS = {"full": {}, "galore": {"rank": 32}, "fira": {"rank": 32}, "frugal": {"rank": 32}, "badam": {},
-           "lisa": {}}
+           "lisa": {}, "apollo": {"rank": 32}, "apollo-mini": {}}
 
 
 @pytest.mark.parametrize("method", PRESETS)

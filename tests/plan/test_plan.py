@@ -164,3 +164,16 @@ def test_cli_table_json_and_compare_chart(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(m in out for m in ("full", "galore", "lora", "lowrank"))
     assert png.stat().st_size > 10_000
+
+
+def test_switchlora_counts_its_candidate_pools_and_per_slice_steps():
+    low = plan("tiny", "lowrank", rank=8, dtype="fp32", seq=64)
+    sw = plan("tiny", "switchlora", rank=8, dtype="fp32", seq=64)
+    h, f, r, layers = 256, 688, 8, 4
+    shapes = [(h, h)] * 4 + [(f, h)] * 3
+    frozen = sum(m * n + min(m, n) * (m + n) for m, n in shapes) * 4  # W and the two pools, fp32
+    frozen += 7 * (4 * r + 2) * 8  # int64 slots, frozen counters (r each for A and B) and the two pointers
+    assert sw.bytes["weights_frozen"] == low.bytes["weights_frozen"] + layers * frozen
+    assert sw.bytes["weights_trainable"] == low.bytes["weights_trainable"]
+    # per factor a float32 step per row of A / column of B in place of one scalar step
+    assert sw.bytes["optimizer_state"] == low.bytes["optimizer_state"] + layers * 7 * 2 * (4 * r - 4)

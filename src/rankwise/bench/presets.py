@@ -1,13 +1,14 @@
 """Benchmark presets: one model, one data source, one schedule, the methods compared on it, and the protocol
 (seeds, memory budgets, learning-rate grid).
 
-``tiny`` is the CPU benchmark: the 1.3M-parameter ``mini`` LLaMA (hidden 128, 4 blocks, vocab 2048) for 250 steps x
-16 x 128 tokens, 3 seeds, sized from per-step costs to take about 15 minutes on 2 idle cores; measured: 22 min
-(docs/bench.md). The ``llama-*`` presets are GaLore's C4 pre-training recipes
+``tiny`` is the CPU benchmark: the 1.3M-parameter ``mini`` LLaMA (hidden 128, 4 blocks, vocab 2048) for 240 steps x
+8 x 128 tokens, 3 seeds, one intra-op thread per run and one run per core, sized so that the README's main command
+takes at most 15 minutes on 2 idle cores (measured: docs/bench.md). The ``llama-*`` presets are GaLore's C4 pre-training recipes
 (``scripts/benchmark_c4/llama_*.sh``: total batch 512 sequences of 256 tokens, 10k / 20k / 60k / 100k steps, 10%
 warmup, bf16, GaLore lr 0.01 with scale 0.25 and update gap 200) with the ranks of GaLore's Table 2 (128 / 256 /
 256 / 512); ReLoRA's numbers are from its 60M script (merge every 1000 steps, 100 re-warmup steps), SLTrain's from
-its scripts (lr 0.003, delta 0.03, alpha 32). They need a GPU and ``datasets``. ``gpu-60m`` is GaLore's 60M model on
+its scripts (lr 0.003, delta 0.03, alpha 32), SwitchLoRA's from its 350M script (lr 0.02 = 20x full-rank's, interval
+40, 5 frozen steps, descent at 0.1 of the run). They need a GPU and ``datasets``. ``gpu-60m`` is GaLore's 60M model on
 the embedded stdlib-code corpus, for ``benchmarks/gpu_bench.sh`` (one GPU, minutes, offline).
 """
 
@@ -61,50 +62,73 @@ class BenchPreset:
 
 
 # GaLore's convention: its lr is larger than full-rank's and the projected update is scaled by 0.25; in the CPU
-# presets galore/fira start (untuned) at 4x the base lr, so the projected matrices move at the base lr.
-def _cpu_methods(rank: int, gap: int, warmup: int) -> dict[str, MethodSpec]:
+# presets galore/fira start (untuned) at 4x the base lr, so the projected matrices move at the base lr. APOLLO's
+# update per channel has the norm of its low-rank Adam direction's, sqrt(r/d) of AdamW's (so sqrt(d/r) = 2 at rank 32
+# of the mini model's 128; APOLLO-Mini's scale 128 makes up for rank 1: 1x); its scripts use lr 1e-2, as GaLore's.
+def _cpu_methods(rank: int, gap: int, warmup: int, steps: int = 240) -> dict[str, MethodSpec]:
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
+        "galore-8bit": MethodSpec("galore-8bit", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0,
+                                  fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 4.0, fixed=("scale",)),
+        "apollo": MethodSpec("apollo", {"rank": rank, "update_gap": gap, "scale": 1.0}, 2.0, fixed=("scale",)),
+        "apollo-mini": MethodSpec("apollo-mini", {"rank": 1, "update_gap": gap, "scale": 128.0}, fixed=("scale",)),
         "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
         "relora": MethodSpec("relora", {"rank": rank, "reset_every": gap, "restart_warmup": warmup}),
         "sltrain": MethodSpec("sltrain", {"rank": rank}),
+        "sst": MethodSpec("sst", {"rank": rank, "resample_every": gap}),
+        "lost": MethodSpec("lost", {"rank": rank}),
+        # SwitchLoRA's 1/r scaling wants a larger lr (its scripts: 20x full-rank's at rank 256); on `mini`, 100 steps,
+        # eval loss 5.67 / 4.89 / 4.89 at lr 3e-3 / 1.2e-2 / 3e-2: 4x until tuned
+        "switchlora": MethodSpec("switchlora", {"rank": rank, "descent_steps": max(1, steps // 10)}, 4.0),
     }
 
 
-def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100) -> dict[str, MethodSpec]:
-    """Base lr 1e-3 (GaLore's full-rank baseline for 60M/130M); GaLore/Fira 1e-2 with scale 0.25; SLTrain 3e-3."""
+def _gpu_methods(rank: int, gap: int = 200, merge: int = 1000, rewarm: int = 100,
+                 steps: int = 10_000) -> dict[str, MethodSpec]:
+    """Base lr 1e-3 (GaLore's full-rank baseline for 60M/130M); GaLore/Fira 1e-2 with scale 0.25; APOLLO /
+    APOLLO-Mini 1e-2 with scale 1 / 128 (APOLLO's scripts/pretrain_c4); SLTrain 3e-3; SwitchLoRA 2e-2 (its 350M
+    script: ``--lr 0.02``, interval 40, descent rate 0.1 of the run's steps)."""
     return {
         "full": MethodSpec("full"),
         "galore": MethodSpec("galore", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
+        "galore-8bit": MethodSpec("galore-8bit", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0,
+                                  fixed=("scale",)),
         "fira": MethodSpec("fira", {"rank": rank, "update_gap": gap, "scale": 0.25}, 10.0, fixed=("scale",)),
+        "apollo": MethodSpec("apollo", {"rank": rank, "update_gap": gap, "scale": 1.0}, 10.0, fixed=("scale",)),
+        "apollo-mini": MethodSpec("apollo-mini", {"rank": 1, "update_gap": gap, "scale": 128.0}, 10.0,
+                                  fixed=("scale",)),
         "frugal": MethodSpec("frugal", {"rank": rank, "update_gap": gap}),
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
         "relora": MethodSpec("relora", {"rank": rank, "reset_every": merge, "restart_warmup": rewarm}),
         "sltrain": MethodSpec("sltrain", {"rank": rank, "density": 0.03, "alpha": 32.0}, 3.0),
+        "sst": MethodSpec("sst", {"rank": rank, "resample_every": 200, "uniform_mix": 0.5}),
+        "lost": MethodSpec("lost", {"rank": rank, "sparsity": 0.05, "gamma": 0.5, "sparse_svd_rank": 256}),
+        "switchlora": MethodSpec("switchlora", {"rank": rank, "interval": 40.0, "descent_steps": max(1, steps // 10),
+                                                "frozen_steps": 5}, 20.0),
     }
 
 
 def _c4(model: str, steps: int, rank: int, micro_batch: int, tokens: str) -> BenchPreset:
     return BenchPreset(model=model, steps=steps, batch_size=micro_batch, grad_accum=512 // micro_batch, seq_len=256,
-                       lr=1e-3, warmup_steps=steps // 10, methods=_gpu_methods(rank), eval_every=1000,
+                       lr=1e-3, warmup_steps=steps // 10, methods=_gpu_methods(rank, steps=steps), eval_every=1000,
                        eval_batches=max(1, 8192 // micro_batch), data="hf:allenai/c4:en", vocab_size=32000,
                        description=f"GaLore's C4 recipe, {steps} steps x 512 x 256 tokens ({tokens} in GaLore's "
                                    f"Table 2), rank {rank}; needs a GPU")
 
 
 PRESETS: dict[str, BenchPreset] = {
-    "tiny": BenchPreset(model="mini", steps=250, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=25,
-                        methods=_cpu_methods(rank=32, gap=50, warmup=10), eval_every=125, eval_batches=16,
+    "tiny": BenchPreset(model="mini", steps=240, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=24,
+                        methods=_cpu_methods(rank=32, gap=50, warmup=10, steps=240), eval_every=120, eval_batches=32,
                         vocab_size=2048, seeds=3, budgets=("100%", "80%", "60%"),
-                        description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 250 steps x "
-                                    "2048 tokens, rank 32, 3 seeds; measured 22 min for 8 methods on 2 idle CPU cores"),
+                        description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 240 steps x "
+                                    "1024 tokens, rank 32, 3 seeds, one thread per run"),
     "gpu-60m": BenchPreset(model="llama-60m", steps=400, batch_size=128, seq_len=256, lr=1e-3, warmup_steps=40,
-                           methods=_gpu_methods(128, gap=100, merge=200, rewarm=20), eval_every=100,
+                           methods=_gpu_methods(128, gap=100, merge=200, rewarm=20, steps=400), eval_every=100,
                            eval_batches=8, data="stdlib-code", vocab_size=8192, seeds=1,
                            description="GaLore's 60M model on the embedded stdlib-code corpus (offline, ~10 MB), "
                                        "128 x 256 "

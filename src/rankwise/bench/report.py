@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
+from ..errors import RankwiseError
 from .claims import check_claims, claims_markdown
 
 MB = 2**20
@@ -136,7 +137,7 @@ def versions() -> dict[str, str]:
 
     info = {"rankwise": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "torch_threads": str(torch.get_num_threads()),
+            "torch_threads": str(torch.get_num_threads()),  # of this process; each run's: setup.threads_per_run
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -173,7 +174,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], bp, cfg, reference: dic
                                          f"{_CLAIMS_NOTE}\n")
     env = versions()
     setup = {"preset": cfg.preset, **{k: v for k, v in asdict(preset).items() if k != "methods"},
-             "seeds": bp.seeds, "match_memory": bp.budgets, "overrides": cfg.overrides}
+             "seeds": bp.seeds, "match_memory": bp.budgets, "overrides": cfg.overrides,
+             "threads_per_run": cfg.threads if cfg.isolate else env["torch_threads"]}
     ok = [r for r in rows if r.get("status") == "ok"]
     tokens = sorted({r["tokens"] for r in ok})
     lr_lines = ["| method | lr | from | tuned | fixed at the paper's value |", "|---|---|---|---|---|"]
@@ -248,9 +250,10 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h"]
 
 
 def method_styles(labels: list[str]) -> dict[str, dict[str, str]]:
-    """One (colour, line style, marker) per method label, in order; the same method keeps its style across plots."""
+    """One (colour, line style, marker) per method label, in order; the same method keeps its style across plots.
+    Methods 10+ reuse a colour, never with the same marker (plots that fix the line style still tell them apart)."""
     return {label: {"color": _PALETTE[i % len(_PALETTE)], "ls": _LINESTYLES[i % len(_LINESTYLES)],
-                    "marker": _MARKERS[i % len(_MARKERS)]} for i, label in enumerate(labels)}
+                    "marker": _MARKERS[(i + i // len(_PALETTE)) % len(_MARKERS)]} for i, label in enumerate(labels)}
 
 
 def bench_title(groups: list[dict[str, Any]], setup: dict[str, Any] | None) -> str:
@@ -396,34 +399,51 @@ def plot_loss_curves(groups: list[dict[str, Any]], path: Path, setup: dict[str, 
     _save(loss_curves_figure(groups, setup), path)
 
 
+def _space(method: str) -> str:
+    """``gradient space`` (an optimizer; full-rank AdamW is its anchor) or ``weight space`` (a parameterization)."""
+    from .. import methods
+
+    try:
+        family = methods.info(method).family
+    except RankwiseError:
+        return "weight space"
+    return "gradient space" if family in ("full", "optim") else "weight space"
+
+
 def plot_lr_sensitivity(tuned: dict[str, Any], path: Path) -> None:
-    """Final validation loss vs lr, one curve per method: the full-horizon trials solid, the first rung dashed;
+    """Final validation loss vs lr, one curve per method, gradient-space methods (with full-rank AdamW) and
+    weight-space ones in two panels on one y-axis: the full-horizon trials solid, the first rung dashed and faint;
     error bars: sd over the tuning seeds; the chosen lr starred."""
     from ..plots import plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     horizons = tuned["successive_halving"]["horizons"]
+    panels: dict[str, list[str]] = {}
     for name, m in tuned["methods"].items():
-        color = None
-        for steps, style in ((horizons[0], "--"), (horizons[-1], "-")):
-            trials = sorted((t for t in m["sweep"] if t["steps"] == steps and math.isfinite(t["mean"])),
-                            key=lambda t: t["lr"])
-            if not trials:
-                continue
-            line = ax.errorbar([t["lr"] for t in trials], [t["mean"] for t in trials],
-                               yerr=[t["sd"] for t in trials], fmt="o" + style, ms=4, capsize=2, lw=1,
-                               color=color, label=name if style == "-" else None, alpha=1 if style == "-" else 0.5)
-            color = line[0].get_color()
-        best = [t for t in m["sweep"] if t["steps"] == horizons[-1] and t["lr"] == m["lr"]]
-        if best:
-            ax.plot([m["lr"]], [best[0]["mean"]], "*", color=color, ms=12)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("final validation loss")
-    ax.set_title(f"lr sensitivity (solid: {horizons[-1]} steps, dashed: first rung, {horizons[0]} steps; "
-                 "star: tuned)", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+        panels.setdefault(_space(m["method"]), []).append(name)
+    order = [p for p in ("gradient space", "weight space") if p in panels]
+    fig, axes = plt.subplots(1, len(order), figsize=(6.2 * len(order), 4.8), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], order):
+        styles = method_styles(panels[panel])
+        for name in panels[panel]:
+            m, st = tuned["methods"][name], styles[name]
+            for steps, ls in ((horizons[0], "--"), (horizons[-1], "-")):
+                trials = sorted((t for t in m["sweep"] if t["steps"] == steps and math.isfinite(t["mean"])),
+                                key=lambda t: t["lr"])
+                if trials:
+                    ax.errorbar([t["lr"] for t in trials], [t["mean"] for t in trials],
+                                yerr=[t["sd"] for t in trials], marker=st["marker"], ls=ls, ms=4, capsize=2, lw=1,
+                                color=st["color"], label=name if ls == "-" else None, alpha=1 if ls == "-" else 0.35)
+            best = [t for t in m["sweep"] if t["steps"] == horizons[-1] and t["lr"] == m["lr"]]
+            if best:
+                ax.plot([m["lr"]], [best[0]["mean"]], "*", color=st["color"], ms=13, mec="black", mew=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(panel, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2, loc="lower left")
+    axes[0][0].set_ylabel("final validation loss")
+    fig.suptitle(f"lr sensitivity, preset {tuned.get('preset', '?')} (solid: {horizons[-1]} steps, dashed: first "
+                 f"rung, {horizons[0]} steps; star: tuned lr)", fontsize=10)
     _save(fig, path)
 
 

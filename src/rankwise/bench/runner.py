@@ -56,7 +56,8 @@ class BenchConfig:
     out: str = "bench-out"
     device: str = "auto"
     isolate: bool = True  # one fresh process per run (honest peak memory); False: in this process
-    jobs: int = 1  # runs at a time (each its own process)
+    jobs: int | None = None  # runs at a time (each its own process); default: cores // threads on CPU, 1 on GPU
+    threads: int = 1  # intra-op threads of each run (they change the numbers' rounding, so they are configuration)
     overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (batch_size, seq_len, lr, dtype...)
 
 
@@ -77,10 +78,11 @@ class Job:
     seed: int
     run_dir: Path
     config: dict[str, Any]
+    threads: int = 1
 
     def payload(self) -> dict[str, Any]:
         return {"label": self.label, "group": self.group, "budget": self.budget, "seed": self.seed,
-                "config": self.config, "run_dir": str(self.run_dir)}
+                "config": self.config, "run_dir": str(self.run_dir), "threads": self.threads}
 
 
 def _plain(config: TrainConfig) -> dict[str, Any]:
@@ -167,7 +169,8 @@ def resolve(cfg: BenchConfig) -> tuple[BenchPreset, list[Entry]]:
 
 def _check_protocol(cfg: BenchConfig, preset: BenchPreset) -> None:
     seeds = preset.seeds if cfg.seeds is None else cfg.seeds
-    for name, value in (("--seeds", seeds), ("--tune-seeds", cfg.tune_seeds), ("--jobs", cfg.jobs)):
+    for name, value in (("--seeds", seeds), ("--tune-seeds", cfg.tune_seeds), ("--jobs", jobs_of(cfg)),
+                        ("--threads", cfg.threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RankwiseError(f"{name} must be a positive integer, got {value!r}")
     if not 0 < cfg.memory_tolerance < 1:
@@ -293,12 +296,24 @@ def match_budgets(preset: BenchPreset, entries: list[Entry], budgets: list[str],
 # ---------------------------------------------------------------------------------------------------- execution
 
 
+def jobs_of(cfg: BenchConfig) -> int:
+    """Runs at a time: ``cfg.jobs``, or by default every core busy on CPU (cores // threads) and one run on a GPU."""
+    if cfg.jobs is not None:
+        return cfg.jobs
+    import torch
+
+    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    threads = cfg.threads if isinstance(cfg.threads, int) and cfg.threads > 0 else 1
+    return 1 if on_gpu or not cfg.isolate else max(1, (os.cpu_count() or 1) // threads)
+
+
 def _fingerprint(cfg: BenchConfig, preset: BenchPreset, entries: list[Entry], extra: dict[str, Any]) -> dict:
-    """Everything that changes the numbers (not ``jobs``/``isolate``, which only change how they are computed)."""
+    """Everything that changes the numbers (not ``jobs``/``isolate``, which only change how they are computed;
+    ``threads`` does change them: a matmul's summation order depends on the thread count)."""
     return json.loads(json.dumps({
         "preset": cfg.preset, "setup": {k: v for k, v in asdict(preset).items() if k != "methods"},
         "methods": {e.label: asdict(e.spec) for e in entries}, "overrides": cfg.overrides, "device": cfg.device,
-        "seed": cfg.seed, **extra}, default=str))
+        "seed": cfg.seed, "threads": cfg.threads, **extra}, default=str))
 
 
 def _claim_out(out: Path, fingerprint: dict[str, Any]) -> None:
@@ -419,7 +434,7 @@ def execute(jobs: list[Job], cfg: BenchConfig, log: Callable[[str], None]) -> li
     if len(todo) < len(jobs):
         log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} runs already finished in {cfg.out}, "
             f"{len(todo)} to run")
-    progress = Progress(len(jobs), len(jobs) - len(todo), 1 if not cfg.isolate else cfg.jobs, log)
+    progress = Progress(len(jobs), len(jobs) - len(todo), 1 if not cfg.isolate else jobs_of(cfg), log)
     try:
         return _execute(jobs, todo, results, cfg, log, progress)
     finally:
@@ -453,13 +468,12 @@ def _execute(jobs: list[Job], todo: list[int], results: dict[int, dict[str, Any]
             report(i, row, time.perf_counter() - start)
         return [results[i] for i in range(len(jobs))]
 
-    env = os.environ.copy()
-    if cfg.jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
+    parallel = jobs_of(cfg)
     running: dict[int, tuple[subprocess.Popen, float]] = {}
     try:
         while todo or running:
-            while todo and len(running) < cfg.jobs:
+            while todo and len(running) < parallel:
                 i = todo.pop(0)
                 running[i] = (_start(jobs[i], env), time.perf_counter())
             time.sleep(0.05)
@@ -551,7 +565,7 @@ def _tune(bp: BenchPlan, cfg: BenchConfig, out: Path, log: Callable[[str], None]
         def objective(lrs: list[float], steps: int, e: Entry = e) -> list[list[float]]:
             jobs = [Job(e.label, f"{e.label} lr {lr:.3g} @{steps}", None, s,
                         out / "tune" / _slug(e.label) / f"s{steps}_lr{lr:.4e}" / f"seed{s}",
-                        _plain(train_config(bp.preset, e, cfg, lr=lr, seed=s, steps=steps)))
+                        _plain(train_config(bp.preset, e, cfg, lr=lr, seed=s, steps=steps)), cfg.threads)
                     for lr in lrs for s in tune_seeds]
             rows = execute(jobs, cfg, log)
             losses = [r["eval_loss"] if r["status"] == "ok" else math.inf for r in rows]
@@ -572,10 +586,21 @@ def _tune(bp: BenchPlan, cfg: BenchConfig, out: Path, log: Callable[[str], None]
 
 
 def ship_tuned(tuned_json: Path, command: str) -> Path:
-    """Copy a ``tuned.json`` into the package's ``tuned_lrs.json`` under its preset, with the command that made it."""
+    """Store a ``tuned.json`` in the package's ``tuned_lrs.json`` under its preset, with the command that made it.
+
+    A sweep with the same protocol (steps, grid, successive halving, seeds) as the shipped one adds its methods to
+    it (re-tuned methods replace theirs; ``commands`` lists every sweep); another protocol replaces the entry."""
     data = json.loads(TUNED_LRS.read_text())
     tuned = json.loads(tuned_json.read_text())
-    data.setdefault("presets", {})[tuned["preset"]] = {**tuned, "command": command}
+    presets = data.setdefault("presets", {})
+    old = presets.get(tuned["preset"])
+    protocol = ("steps", "grid", "successive_halving", "seeds", "objective")
+    if old and all(old.get(k) == tuned.get(k) for k in protocol):
+        methods_ = {**old["methods"], **tuned["methods"]}
+        commands = [*old.get("commands", []), *([command] if command not in old.get("commands", []) else [])]
+    else:
+        methods_, commands = tuned["methods"], [command]
+    presets[tuned["preset"]] = {**tuned, "methods": methods_, "commands": commands}
     write_json_atomic(TUNED_LRS, data, indent=1)
     return TUNED_LRS
 
@@ -615,7 +640,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
             for s in bp.seeds:
                 run_dir = out / "runs" / _slug(e.label) / _slug(b or "default") / f"seed{s}"
                 jobs.append(Job(e.label, group, b, s, run_dir,
-                                _plain(train_config(bp.preset, e, cfg, lr=lr, seed=s, options=options))))
+                                _plain(train_config(bp.preset, e, cfg, lr=lr, seed=s, options=options)), cfg.threads))
     c = jobs[0].config if jobs else {}
     log(f"{len(jobs)} runs: {len(bp.entries)} methods x {len(bp.budgets) or 1} budget(s) x {len(bp.seeds)} seed(s) "
         f"on {bp.preset.model}, {c.get('steps')} steps x {c.get('batch_size', 0) * c.get('grad_accum', 0)} x "

@@ -3,7 +3,11 @@
 Per method: ``points`` learning rates log-spaced over ``span`` x around a centre; every lr runs the first rung (a
 short horizon: the whole warmup + cosine schedule compressed to a fraction of the steps), the best ``ceil(n / eta)``
 go on to the next rung, and so on to the full horizon. The tuned lr is the one with the lowest mean final validation
-loss at the full horizon. The objective is injected, so the search itself is tested on a synthetic bowl.
+loss at the full horizon. If that lr is the smallest or largest of the lrs run at the full horizon, the short rungs
+may have dropped a better neighbour (a short horizon favours other lrs than the full one), so its grid neighbour on
+that side runs the full horizon too, until the best full-horizon lr has a full-horizon lr on each side or is at
+the grid's end (``edge_extension``; the same rule for every method). The objective is injected, so the search itself
+is tested on a synthetic bowl.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def successive_halving(lrs: list[float], horizons: list[int], eta: int,
                        objective: Callable[[list[float], int], list[list[float]]]) -> tuple[float, list[Trial]]:
     """Run ``objective(lrs, steps) -> losses per lr (one per seed)`` rung by rung; return the best lr and every trial.
 
-    Each rung keeps the ``ceil(n / eta)`` lrs with the lowest mean loss (ties: the smaller lr, the safer one).
+    Each rung keeps the ``ceil(n / eta)`` lrs with the lowest mean loss (ties: the smaller lr, the safer one); then the
+    full horizon extends past its best lr while that lr is at the edge of the full-horizon lrs (module docstring).
     """
     if eta < 2:
         raise RankwiseError(f"successive halving needs eta >= 2, got {eta}")
@@ -71,7 +76,17 @@ def successive_halving(lrs: list[float], horizons: list[int], eta: int,
         ranked = sorted(rung, key=lambda t: (t.mean, t.lr))
         if i + 1 < len(horizons):
             alive = sorted(t.lr for t in ranked[:math.ceil(len(ranked) / eta)])
-    best = min((t for t in trials if t.steps == horizons[-1]), key=lambda t: (t.mean, t.lr))
+    grid = sorted(lrs)
+    while True:
+        final = sorted((t for t in trials if t.steps == horizons[-1]), key=lambda t: t.lr)
+        best = min(final, key=lambda t: (t.mean, t.lr))
+        k = grid.index(best.lr)
+        side = -1 if best.lr == final[0].lr else 1 if best.lr == final[-1].lr else 0
+        if not math.isfinite(best.mean) or side == 0 or not 0 <= k + side < len(grid):
+            break
+        extra = grid[k + side]
+        trials.append(Trial(extra, horizons[-1], tuple(x if math.isfinite(x) else math.inf
+                                                       for x in objective([extra], horizons[-1])[0])))
     if not math.isfinite(best.mean):
         raise RankwiseError("every lr of the grid failed or diverged at the full horizon; widen or lower the grid "
                             "(--tune-span, --lr)")

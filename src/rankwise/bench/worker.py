@@ -42,7 +42,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     cfg = TrainConfig.from_dict(job["config"])
     start, load_start = time.perf_counter(), load_average()
-    res = train(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.get("threads", threads))
+    try:
+        res = train(cfg)
+    finally:
+        torch.set_num_threads(threads)
     m = res.metrics
     # a method may have just dropped its factors' state (lowrank-rr, at a refactorization step): report the
     # steady-state size, the larger of the exact final bytes and the shape-based size of the full state
@@ -60,6 +65,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         **memory_breakdown(res.model, optimizer_state), "final_optimizer_state_bytes": m["optimizer_state_bytes"],
         "wall_s": time.perf_counter() - start, "status": "ok",
         "load_avg_start": load_start, "load_avg_end": load_average(), "cpu_count": os.cpu_count(),
+        "threads": job.get("threads", threads),
         "history": res.history, "config": m["config"],
     }
     out = Path(job["run_dir"])

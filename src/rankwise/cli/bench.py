@@ -4,7 +4,7 @@ rates and (optionally) matched memory; compare perplexity, memory and throughput
 Writes results.csv, summary.csv, results.md, claims.md, bench.json, ppl_vs_memory.png and loss_curves.png to --out
 (with --tune also tuned.json and lr_sensitivity.png). A rerun with the same --out resumes: finished runs are kept.
 
-  rankwise bench --preset tiny --out runs/bench                    # 8 methods x 3 seeds at the shipped lrs
+  rankwise bench --preset tiny --out runs/bench                    # 10 methods x 3 seeds at the shipped lrs
   rankwise bench --preset tiny --tune --match-memory preset --out runs/protocol   # the full protocol
   rankwise bench --methods full:lr_scale=3,galore:rank=16 --seeds 2 --steps 100
 """
@@ -49,7 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(src/rankwise/bench/tuned_lrs.json)")
     p.add_argument("--tuned", help="a tuned.json to take the lrs from (default: the shipped lrs)")
     p.add_argument("--out", default="bench-out", help="output folder (default bench-out); rerun to resume")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
+    p.add_argument("--jobs", type=int, help="runs at a time, each its own process (default: cores // --threads on "
+                                            "CPU, 1 on a GPU); does not change the numbers")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of each run (default 1); part of the "
+                                                          "configuration, since the thread count changes rounding")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: the preset's)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                       memory_tolerance=args.memory_tolerance, seeds=args.seeds, seed=args.seed, tune=args.tune,
                       tune_only=args.tune_only, tune_points=args.tune_points, tune_span=args.tune_span,
                       tune_seeds=args.tune_seeds, tuned=args.tuned, out=args.out, device=args.device,
-                      isolate=not args.in_process, jobs=args.jobs,
+                      isolate=not args.in_process, jobs=args.jobs, threads=args.threads,
                       overrides={k: v for k, v in overrides.items() if v is not None})
     rows = run_bench(cfg)
     out = Path(args.out)

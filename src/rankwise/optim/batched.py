@@ -6,8 +6,7 @@ Same arithmetic, op for op, as the per-param path, which stays both the referenc
   gradient): the rules' ``torch._foreach_*`` forms (``InnerRule.directions``), across shapes;
 - projected matrices of one shape (in their own orientation, so each slice of a ``torch.bmm`` has the strides, and
   on the CPU the BLAS call, of the per-param product) and rank: P^T Gt and P u as ``bmm`` on stacked gradients and
-  bases, the inner rule on the (r, D) slices with foreach ops, Fira's column scales on the stack
-  (``FiraResidual.scales``). Refreshes (one SVD per matrix, as the references take it, so the bases are theirs to
+  bases, the inner rule on the (r, D) slices with foreach ops. Refreshes (one SVD per matrix, as the references take it, so the bases are theirs to
   the sign) and moment init / reset / rotation stay per param: they happen once per ``update_gap``.
 
 The state stays per param, exactly as the per-param path keeps it (``state_dict`` unchanged). Stacks hold at most
@@ -15,8 +14,9 @@ The state stays per param, exactly as the per-param path keeps it (``state_dict`
 of one); foreach lists of CPU tensors ``CPU_FOREACH_NUMEL``, so that each list's data stays in cache. Everything
 else takes the per-param path: inner rules, residual rules and projectors whose exact type is not in the
 ``BATCHED_*`` tables (a subclass or a new rule opts in by being added there, once it has the batched forms),
-coordinate subsets, layer-wise hooks, params, gradients or states that are not plain dense tensors (DTensor,
-quantized states), states with keys this module does not know, Fira on low-precision params.
+coordinate subsets, layer-wise hooks, ``state_bits`` (quantized moments), params, gradients or states that are not
+plain dense tensors (DTensor), states with keys this module does not know, and for now the ``GradientScaling``
+residuals (fira, fira_exact, apollo: their ``column_scale`` is per matrix).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from torch import nn
 
 from .blocks import BLOCK_SELECTORS
 from .projectors import PROJECTORS, SVD, Projector, RandomGaussian, RandomizedSVD, canonical, make_projector
-from .rules import (Adam, AdamW, AdamWHF, Drop, FiraExactResidual, FiraResidual, InnerRule, ResidualRule,
-                    SGDMomentum, SGDResidual, SignSGDResidual, make_inner, make_residual)
+from .rules import (Adam, AdamW, AdamWHF, Drop, InnerRule, ResidualRule, SGDMomentum, SGDResidual, SignSGDResidual,
+                    make_inner, make_residual)
 
 if TYPE_CHECKING:
     from .optimizer import SplitOptimizer
@@ -39,9 +39,8 @@ BATCH_NUMEL = 1 << 24  # elements per stacked gradient (64 MiB in fp32)
 # keeps its data there across the rule's ops (measured on the tiny preset: 1.5x slower with one list of everything)
 CPU_FOREACH_NUMEL = 1 << 16
 BATCHED_INNER = (Adam, AdamW, AdamWHF, SGDMomentum)
-BATCHED_RESIDUAL = (Drop, SGDResidual, SignSGDResidual, FiraResidual, FiraExactResidual)
+BATCHED_RESIDUAL = (Drop, SGDResidual, SignSGDResidual)
 BATCHED_PROJECTORS = (SVD, RandomizedSVD, RandomGaussian)
-FIRA = (FiraResidual, FiraExactResidual)
 # the residual rule of a whole gradient (an inactive block): sign(G), G
 WHOLE_RESIDUAL = {SignSGDResidual: torch._foreach_sign, SGDResidual: list}
 
@@ -71,7 +70,7 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
     """Update the ``params`` of ``group`` (each with a gradient) that the batched path covers; return the others,
     untouched, for the per-param path."""
     inner, residual = make_inner(group["inner"]), make_residual(group["residual"])
-    if type(inner) not in BATCHED_INNER or type(residual) not in BATCHED_RESIDUAL:
+    if type(inner) not in BATCHED_INNER or type(residual) not in BATCHED_RESIDUAL or group.get("state_bits"):
         return params
     proj = PROJECTORS.get(group["projector"])
     known = {"updates", "step", *inner.moments, "basis", "seed", *residual.state_keys}
@@ -99,8 +98,7 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
                 if group["moments"] == "reset":
                     inner.drop(state)
                 inactive.append(p)
-        elif proj in BATCHED_PROJECTORS and (type(residual) not in FIRA or p.dtype in (torch.float32,
-                                                                                       torch.float64)):
+        elif proj in BATCHED_PROJECTORS:
             key = (tuple(p.shape), opt._rank(p, group), p.dtype, p.device, "residual_norm" in state)
             buckets.setdefault(key, []).append(p)
         else:
@@ -142,51 +140,39 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
 def _subspace(opt: SplitOptimizer, group: dict[str, Any], proj: Projector, inner: InnerRule,
               residual: ResidualRule, ps: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     """``SplitOptimizer._subspace_update`` of matrices of one shape and rank, ``grads`` their (decayed) gradients."""
-    gap, moments = group["update_gap"], group["moments"]
+    moments = group["moments"]
     states = [opt.state[p] for p in ps]
-    ts = [s.get("updates", 0) for s in states]
+    schedule = [opt._schedule(p, group, s.get("updates", 0)) for p, s in zip(ps, states)]  # (refresh, period)
     gts = [canonical(g) for g in grads]
     d = gts[0].shape[0]
     old: dict[int, torch.Tensor] = {}
-    for i, (p, state, t) in enumerate(zip(ps, states, ts)):
-        if t % gap == 0:
+    for i, (p, state, (refresh, period)) in enumerate(zip(ps, states, schedule)):
+        if refresh:
             if moments == "rotate" and "step" in state:
                 old[i] = proj.dense(proj.handle(state, gts[i]), d)
-            proj.refresh(p.grad, state, opt._seed(p, group, t))
+            proj.refresh(p.grad, state, proj.seed(state, group["seed"], opt._index[p], period))
     h = proj.handles(states, gts)  # (B, d, r)
     stacked = torch.stack(grads) if len(grads) > 1 else grads[0].unsqueeze(0)  # a batch of one: no copy
     gt = stacked.transpose(1, 2) if ps[0].shape[0] >= ps[0].shape[1] else stacked  # canonical, per-param strides
     low = torch.bmm(h.transpose(1, 2), gt)  # (B, r, D)
     lows = list(low.unbind(0))
-    for i, (state, t) in enumerate(zip(states, ts)):
+    for i, (state, (refresh, _)) in enumerate(zip(states, schedule)):
         if "step" not in state:
             inner.init(state, lows[i])
-        elif t % gap == 0 and moments == "reset":
+        elif refresh and moments == "reset":
             inner.reset(state)
         elif i in old:
             inner.rotate(state, proj.dense(h[i], d).t() @ old[i])
     u = torch.stack(inner.directions(lows, states, group))
     pts = [canonical(p) for p in ps]
-    lr, scale, rls = group["lr"], group["scale"], group["residual_lr_scale"]
+    lr, scale, rls = group["lr"], residual.inner_weight(group), group["residual_lr_scale"]
     if type(residual) is Drop:
         torch._foreach_add_(pts, list(torch.bmm(h, u).unbind(0)), alpha=-lr * scale)
     elif type(residual) is SignSGDResidual:  # not linear: the residual itself, Gt - P P^T Gt
         torch._foreach_add_(pts, list(torch.bmm(h, u).unbind(0)), alpha=-lr * scale)
         resid = (gt - torch.bmm(h, low)).sign_()
         torch._foreach_add_(pts, list(resid.unbind(0)), alpha=-lr * rls)
-    else:  # linear: scale P u + rls (Gt - w P g) c = P (scale u - rls w g c) + rls Gt c
-        w = residual.subspace_weight(group)
-        if type(residual) in FIRA:
-            gains = torch.tensor([inner.gain(s, group) for s in states], dtype=u.dtype).to(u.device).view(-1, 1)
-            prev = torch.stack([s["residual_norm"] for s in states]).view(-1, 1) if "residual_norm" in states[0] \
-                else None
-            c, norms = residual.scales(gt, low, u, h, gains, prev, group)
-            for state, norm in zip(states, norms.unbind(0)):
-                state["residual_norm"] = norm.clone()
-            x = u.mul(scale).sub_(low * c.unsqueeze(-2), alpha=rls * w)
-            torch._foreach_add_(pts, list(torch.bmm(h, x).unbind(0)), alpha=-lr)
-            torch._foreach_addcmul_(pts, gts, list(c.unbind(0)), value=-lr * rls)
-        else:  # SGD: c = 1
-            x = u.mul(scale).sub_(low * 1.0, alpha=rls * w)
-            torch._foreach_add_(pts, list(torch.bmm(h, x).unbind(0)), alpha=-lr)
-            torch._foreach_add_(pts, gts, alpha=-lr * rls)
+    else:  # SGD, linear: scale P u + rls (Gt - P g) = P (scale u - rls g) + rls Gt
+        x = u.mul(scale).sub_(low * 1.0, alpha=rls * residual.subspace_weight(group))
+        torch._foreach_add_(pts, list(torch.bmm(h, x).unbind(0)), alpha=-lr)
+        torch._foreach_add_(pts, gts, alpha=-lr * rls)

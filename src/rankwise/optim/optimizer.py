@@ -7,7 +7,8 @@ For a projected 2-D parameter with gradient G (canonical orientation Gt, (d, D),
     u = inner(g)                                 (r, D)   stateful direction (Adam/AdamW/SGD-momentum)
     W <- W - lr * scale * P u                             GaLore's update, alpha = ``scale``
     W <- W - lr * residual_lr_scale * rho(Gt - P g)       residual rule rho: drop / fira / signsgd / sgd
-                                                          (Fira's code subtracts scale * P g instead)
+                                                          (Fira's code subtracts scale * P g instead; APOLLO's
+                                                          rho scales Gt itself, and replaces the P u update)
 
 Block selectors (``block``, ``layers``) replace P by all-or-nothing per parameter: a selected block gets the inner
 rule on its full gradient (times ``scale``), the others only the residual rule; with ``residual="drop"`` an inactive
@@ -23,6 +24,9 @@ the update (torch); ``adamw_hf`` applies ``W <- W - lr wd W`` to the updated wei
 ``step()`` updates what ``batched.py`` covers in batches (``bmm`` over matrices of one shape, ``torch._foreach_*``
 over the rest; the same arithmetic, bit-exact on the CPU) and everything else one param at a time (``_update``, also
 the layer-wise hooks' path); ``SplitOptimizer.batched = False`` turns batching off.
+
+``state_bits=8`` / ``4`` stores every inner rule's moments (of projected and plain params alike) block-wise quantized
+between steps, fp32 during the step (``lowbit``: 8-bit Adam's dynamic-map quantization, arXiv 2110.02861).
 
 Every option is also a param-group key, so groups can differ (e.g. embeddings plain, attention projected). ``lr``
 stays in ``param_groups`` for LR schedulers. ``layerwise=True`` runs each parameter's update inside a
@@ -40,42 +44,42 @@ from torch import nn
 
 from ..errors import RankwiseError
 from .batched import batched_step
+from . import lowbit
 from .blocks import BLOCK_SELECTORS, ORDERS, make_selector
 from .projectors import COORDINATE_SUBSETS, PROJECTORS, Projector, canonical, make_projector
+from .projectors import mix as _mix
 from .rules import INNER_RULES, RESIDUAL_RULES, InnerRule, make_inner, make_residual
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
-
-
-def _mix(*xs: int) -> int:
-    """A deterministic seed from integers (period, param index, user seed)."""
-    h = 0
-    for x in xs:
-        h = (h * 0x9E3779B97F4A7C15 + x + 0x632BE59BD9B4E019) % (1 << 61)
-    return h
 
 
 class SplitOptimizer(torch.optim.Optimizer):
     """Low-rank / block-sparse stateful updates plus a state-free residual, as a ``torch.optim.Optimizer``.
 
     Args (all also valid as param-group keys):
-        projector: ``svd``, ``rsvd``, ``random``, ``coordinates`` (per matrix, canonical orientation), ``randk``,
-            ``columns``, ``rows`` (coordinate subsets of the gradient) or ``block``, ``layers`` (per block).
+        projector: ``svd``, ``rsvd``, ``random``, ``gaussian`` (APOLLO's), ``coordinates`` (per matrix, canonical
+            orientation), ``randk``, ``columns``, ``rows`` (coordinate subsets of the gradient) or ``block``,
+            ``layers`` (per block).
         inner: ``adamw`` (torch's arithmetic), ``adamw_hf`` (transformers', as in galore-torch / Fira), ``adam`` or
             ``sgd`` (momentum) — the stateful rule.
-        residual: ``drop``, ``fira`` (Fira's code), ``fira_exact`` (its residual is G - P P^T G), ``signsgd`` or
-            ``sgd`` — the rule on the part outside the subspace.
+        residual: ``drop``, ``fira`` (Fira's code), ``fira_exact`` (its residual is G - P P^T G), ``signsgd``,
+            ``sgd`` — the rule on the part outside the subspace — or ``apollo`` / ``apollo_tensor`` (APOLLO's
+            channel- / tensor-wise scaling of the raw gradient, times sqrt(``scale``), instead of ``scale * P u``).
         rank: subspace dimension r, 1 <= r <= min(m, n) for every projected matrix.
         density: FRUGAL's rho, instead of ``rank``/``active_blocks`` when set: rank = round(rho min(m, n)) per matrix;
             int(rho length) entries / columns / rows for coordinate subsets; round(rho n) of the n blocks.
         update_gap: steps between refreshes of the subspace / block selection (GaLore's ``update_proj_gap``).
-        scale: multiplier alpha of the back-projected inner update (GaLore's ``scale``; 0.25 in its recipe).
+        scale: multiplier alpha of the back-projected inner update (GaLore's ``scale``; 0.25 in its recipe); for
+            ``apollo`` rules apollo-torch's ``scale``, the update times sqrt(scale).
         moments: on refresh, ``keep`` (GaLore, Fira), ``reset`` (FRUGAL, BAdam) or ``rotate`` into the new
             basis (m <- R m, v <- (R*R) v, R = P_new^T P_old). Block selectors: ``reset`` frees an inactive block's
             moments, ``keep`` leaves them untouched until it is selected again (LISA).
         residual_lr_scale: residual learning rate / lr (FRUGAL's ``inactive_lr_scale``).
         lr, betas, eps, weight_decay, momentum, nesterov: as in ``torch.optim`` (decoupled decay for ``adamw``,
             after the update for ``adamw_hf``).
+        stagger: refresh the group's projected matrices at staggered steps (the j-th of n at t = j * gap // n
+            (mod gap), and at t = 0) instead of all at once: the refresh work (SVDs) is spread over the steps, no
+            step-time spike every ``update_gap`` steps; off in every preset (their references refresh together).
         power_iters, oversample: ``rsvd`` settings. block_order (``blocks.ORDERS``), active_blocks: block selector
             settings; block_phase: steps by which the first period is shorter (at most update_gap - 1; BAdam's
             switch after step k when (k + 1) % switch_block_every == 0 is phase 1). seed: seeds random bases,
@@ -83,6 +87,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         project: per group; False = plain inner rule on full gradients. names / blocks: per group, one per param
             (error messages; block ids for ``block``/``layers``, default one block per param). block_ids: per group,
             the ids the selector chooses from (default: those of the group; groups sharing them share the choice).
+        state_bits: None (moments in the param's dtype), 8 or 4: moments of >= 4096 entries stored block-wise
+            quantized (``lowbit``; 8: bitsandbytes, 4: torchao), smaller ones in fp32.
         layerwise: update in post-accumulate-grad hooks (see module docstring).
     """
 
@@ -95,16 +101,19 @@ class SplitOptimizer(torch.optim.Optimizer):
                  weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, moments: str = "keep",
                  residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
                  block_order: str = "ascending", active_blocks: int = 1, block_phase: int = 0, seed: int = 0,
-                 project: bool = True, layerwise: bool = False):
+                 project: bool = True, state_bits: int | None = None, stagger: bool = False,
+                 layerwise: bool = False):
         self._index: dict[nn.Parameter, int] = {}
         self._block: dict[nn.Parameter, int] = {}
+        self._slot: dict[nn.Parameter, tuple[int, int]] = {}  # (j, n): j-th of the group's n refreshed matrices
         self._group_of: dict[nn.Parameter, dict[str, Any]] = {}
         self._selection: dict[int, tuple[int, set[int]]] = {}  # id(group) -> (period, active block ids)
         defaults = dict(projector=projector, inner=inner, residual=residual, rank=rank, update_gap=update_gap,
                         scale=scale, density=density, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         momentum=momentum, nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
                         power_iters=power_iters, oversample=oversample, block_order=block_order,
-                        active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project)
+                        active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project,
+                        state_bits=state_bits, stagger=stagger)
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self._hooks = []
@@ -143,6 +152,9 @@ class SplitOptimizer(torch.optim.Optimizer):
                     raise RankwiseError(f"projector {group['projector']!r} keeps {k} of the {length} "
                                         f"{sub.unit} of {label} (shape {tuple(p.shape)}); it must keep between 1 and "
                                         f"{length}: change rank or density")
+        refreshed = [p for p in group["params"] if self._projected(p, group) and group["projector"] not in
+                     BLOCK_SELECTORS]
+        self._slot.update({p: (j, len(refreshed)) for j, p in enumerate(refreshed)})
         ids = group.get("block_ids") or sorted(set(blocks))
         if not set(blocks) <= set(ids):
             raise RankwiseError(f"param group 'blocks' has ids {sorted(set(blocks) - set(ids))} missing from its "
@@ -164,6 +176,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         choice("residual", RESIDUAL_RULES)
         choice("moments", MOMENT_POLICIES)
         choice("block_order", ORDERS)
+        lowbit.check(group["state_bits"])
         for key in ("update_gap", "active_blocks", "power_iters"):
             if not isinstance(group[key], int) or group[key] < 1:
                 raise RankwiseError(f"{key} must be a positive integer, got {group[key]!r}")
@@ -185,6 +198,11 @@ class SplitOptimizer(torch.optim.Optimizer):
         if kind is not None and RESIDUAL_RULES[group["residual"]].needs_subspace:
             raise RankwiseError(f"residual {group['residual']!r} needs a subspace projector "
                                 f"({', '.join(PROJECTORS)}), not the {kind} {group['projector']!r}")
+        if not isinstance(group["stagger"], bool):
+            raise RankwiseError(f"stagger must be True or False, got {group['stagger']!r}")
+        if group["projector"] in BLOCK_SELECTORS and group["stagger"]:
+            raise RankwiseError(f"stagger spreads the refreshes of projected matrices; the block selector "
+                                f"{group['projector']!r} switches all blocks at once: use block_phase to shift it")
         if group["projector"] in BLOCK_SELECTORS and group["moments"] == "rotate":
             raise RankwiseError(f"block selector {group['projector']!r} has no basis to rotate moments into: use "
                                 "moments='reset' (free an inactive block's moments) or 'keep' (keep them)")
@@ -217,20 +235,17 @@ class SplitOptimizer(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim``'s, but integer tensors (``coordinates`` indices) keep their dtype (torch casts every
-        tensor of a floating-point param's state to the param's dtype)."""
+        """As ``torch.optim``'s, but integer tensors (``coordinates`` indices, low-bit codes) and, with
+        ``state_bits``, every tensor keep their saved dtype (torch casts every tensor of a floating-point param's
+        state to the param's dtype)."""
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for i, p in zip(ids, (p for g in self.param_groups for p in g["params"])):
+        for i, (p, low) in zip(ids, ((p, g.get("state_bits")) for g in self.param_groups for p in g["params"])):
             for key, value in state_dict["state"].get(i, {}).items():
-                if torch.is_tensor(value) and not value.is_floating_point():
+                if torch.is_tensor(value) and (low is not None or not value.is_floating_point()):
                     self.state[p][key] = value.to(p.device, copy=True)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._selection = {}
-
-    def _seed(self, p: torch.Tensor, group: dict[str, Any], t: int) -> int:
-        """The seed of ``p``'s basis / index set in the period of update ``t``."""
-        return _mix(group["seed"], self._index[p], t // group["update_gap"])
 
     def _hook(self, p: torch.Tensor) -> None:
         with torch.no_grad():
@@ -251,6 +266,8 @@ class SplitOptimizer(torch.optim.Optimizer):
             state["updates"] = t + 1
             return
         inner = make_inner(group["inner"])
+        transposed = self._projected(p, group) and group["projector"] in PROJECTORS and p.shape[0] >= p.shape[1]
+        lowbit.unpack(state, inner.moments, inner.unsigned, transposed)  # quantized moments -> fp32 for this step
         lr, wd = group["lr"], group["weight_decay"]
         if wd and not inner.decay_after:
             if inner.coupled_decay:
@@ -269,7 +286,18 @@ class SplitOptimizer(torch.optim.Optimizer):
             self._subspace_update(p, g, state, group, inner, t)
         if wd and inner.decay_after:
             p.add_(p, alpha=-lr * wd)
+        lowbit.pack(state, inner.moments, inner.unsigned, transposed, group.get("state_bits"))
         state["updates"] = t + 1
+
+    def _schedule(self, p: torch.Tensor, group: dict[str, Any], t: int) -> tuple[bool, int]:
+        """(refresh at update ``t``?, period) of a projected matrix or coordinate subset: every ``update_gap`` steps
+        from update 0; with ``stagger``, the j-th of the group's n such params refreshes at updates t = o_j + k gap,
+        o_j = j * gap // n (and at update 0, when it has no basis yet), so refreshes spread over the gap."""
+        gap = group["update_gap"]
+        j, n = self._slot[p]
+        shift = -(j * gap // n) % gap if group.get("stagger") else 0  # .get: checkpoints from before the option
+        period, offset = divmod(t + shift, gap)
+        return t == 0 or offset == 0, period
 
     @staticmethod
     def _period(group: dict[str, Any], t: int) -> tuple[int, int]:
@@ -319,11 +347,11 @@ class SplitOptimizer(torch.optim.Optimizer):
         ``update_gap`` steps a random index set S is drawn; u = inner(G_S); W_S <- W_S - lr * scale * u and
         W <- W - lr * residual_lr_scale * rho(G with G_S = 0)."""
         sub = COORDINATE_SUBSETS[group["projector"]]
-        refresh = t % group["update_gap"] == 0
+        refresh, period = self._schedule(p, group, t)
         if refresh:
             old = state.get("index")
             k = sub.count(p.shape, group["rank"], group["density"])
-            state["index"] = sub.pick(p.shape, k, self._seed(p, group, t), g.device)
+            state["index"] = sub.pick(p.shape, k, _mix(group["seed"], self._index[p], period), g.device)
         idx = state["index"]
         low = sub.down(g, idx)
         if "step" not in state:
@@ -346,12 +374,12 @@ class SplitOptimizer(torch.optim.Optimizer):
             if group["projector"] == "rsvd" else {}))
         gt = canonical(g)
         d = gt.shape[0]
-        refresh = t % group["update_gap"] == 0
+        refresh, period = self._schedule(p, group, t)
         old = None
         if refresh:
             if group["moments"] == "rotate" and "step" in state:
                 old = proj.dense(proj.handle(state, gt), d)
-            proj.refresh(p.grad, state, self._seed(p, group, t))
+            proj.refresh(p.grad, state, proj.seed(state, group["seed"], self._index[p], period))
         h = proj.handle(state, gt)
         low = proj.down(gt, h)
         if "step" not in state:
@@ -368,14 +396,16 @@ class SplitOptimizer(torch.optim.Optimizer):
         if group["residual"] != "drop":
             basis = proj.dense(h, d) if residual.needs_subspace else None
             c = residual.column_scale(gt, low, u, state, group, basis)
+        a = residual.inner_weight(group)
         if c is None:
-            pt.add_(proj.up(u, h, d), alpha=-lr * group["scale"])
+            pt.add_(proj.up(u, h, d), alpha=-lr * a)
             if group["residual"] != "drop":
                 pt.add_(residual.direction(proj.residual(gt, low, h), low, u, state, group), alpha=-lr * rls)
             return
         # linear residual rule: scale P u + rls (Gt - w P g) c = P (scale u - rls w g c) + rls Gt c
         w = residual.subspace_weight(group)
-        pt.add_(proj.up(u.mul(group["scale"]).sub_(low * c, alpha=rls * w), h, d), alpha=-lr)
+        if a or w:  # APOLLO: neither (the inner rule only feeds the scaling of Gt)
+            pt.add_(proj.up(u.mul(a).sub_(low * c, alpha=rls * w), h, d), alpha=-lr)
         if isinstance(c, torch.Tensor):
             pt.addcmul_(gt, c, value=-lr * rls)
         else:
@@ -387,14 +417,16 @@ class SplitOptimizer(torch.optim.Optimizer):
 
         Per parameter with element size s: a float32 ``step`` (4 B) with every set of moments; plain params
         k * numel * s (k = 2 for Adam/AdamW, 1 for SGD-momentum); projected (m, n), d = min, D = max:
-        basis d * r * s (svd, rsvd) / 0 (random: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
-        (+ max(4, s) B for ``fira``'s limiter); coordinate subsets: 8 B per kept index + k * kept entries * s + 4;
+        basis d * r * s (svd, rsvd) / 0 (random, gaussian: seed only) / 8 r (coordinates, int64 indices) + k * r * D * s
+        (+ max(4, s) B for the limiter of ``fira``, ``apollo``); coordinate subsets: 8 B per kept index + k * kept entries * s + 4;
         block selectors: k * numel * s + 4 for params of the blocks selected in ``period`` (``moments="keep"``: in
-        any period up to ``period``), else 0.
+        any period up to ``period``), else 0. With ``state_bits``, each moment's ``numel * s`` is
+        ``lowbit.moment_bytes`` of its shape in the param's orientation (codes + fp32 absmax per block, or fp32).
         """
         total = 0
         for group in self.param_groups:
             k = len(INNER_RULES[group["inner"]].moments)
+            bits = group.get("state_bits")
             active: set[int] = set()
             if group["projector"] in BLOCK_SELECTORS and group["project"]:
                 ids = set(group["block_ids"])
@@ -403,18 +435,20 @@ class SplitOptimizer(torch.optim.Optimizer):
                     if active == ids:
                         break
             for p in group["params"]:
-                s, n = p.element_size(), p.numel()
+                s = p.element_size()
+                full = k * lowbit.moment_bytes(tuple(p.shape), s, bits) + 4
                 if not self._projected(p, group):
-                    total += k * n * s + 4
+                    total += full
                 elif group["projector"] in BLOCK_SELECTORS:
-                    total += (k * n * s + 4) if self._block[p] in active else 0
+                    total += full if self._block[p] in active else 0
                 elif group["projector"] in COORDINATE_SUBSETS:
                     sub = COORDINATE_SUBSETS[group["projector"]]
                     kept = sub.count(p.shape, group["rank"], group["density"])
-                    total += 8 * kept + k * sub.entries(p.shape, kept) * s + 4
+                    total += 8 * kept + k * lowbit.moment_bytes(sub.shape(p.shape, kept), s, bits) + 4
                 else:
                     d, big, r = min(p.shape), max(p.shape), self._rank(p, group)
-                    basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "coordinates": 8 * r}
-                    total += basis[group["projector"]] + k * r * big * s + 4
+                    basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "gaussian": 0, "coordinates": 8 * r}
+                    low = (big, r) if p.shape[0] >= p.shape[1] else (r, big)  # the param's orientation
+                    total += basis[group["projector"]] + k * lowbit.moment_bytes(low, s, bits) + 4
                     total += max(4, s) * len(RESIDUAL_RULES[group["residual"]].state_keys)  # >= fp32 scalars
         return total

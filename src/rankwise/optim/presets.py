@@ -31,14 +31,27 @@ TARGETS = ("attn", "mlp")
 # ``BlockOptimizer``): one transformer layer (norms included) at a time, switch_block_every 50, switch_mode
 # descending, embeddings / final norm / head frozen, every active param decayed; LISA (LMFlow
 # ``DynamicLayerActivationCallback`` + ``lisa_activated_layers`` 2, ``lisa_interval_steps`` 20): whole layers sampled
-# afresh, embeddings / final norm / head always trained, torch AdamW keeping a frozen layer's moments.
+# afresh, embeddings / final norm / head always trained, torch AdamW keeping a frozen layer's moments. APOLLO
+# (github.com/zhuhanqing/APOLLO, README "Hyperparameter choices" + scripts/pretrain_c4/*.sh, apollo-torch's
+# ``APOLLOAdamW``): random projection (``proj="random"``, ``proj_type="std"``), ``update_proj_gap`` 200, moments kept;
+# APOLLO ``scale_type="channel"``, rank 256, scale 1; APOLLO-Mini ``"tensor"``, rank 1, scale 128; transformers' AdamW
+# arithmetic (eps 1e-6, decay after the update) on every param, the "attn"/"mlp" linears projected.
+# 8-bit: galore-8bit is galore-torch 1.0's GaLoreAdamW8bit (bitsandbytes' blockwise 8-bit AdamW on the projected
+# gradient; torch's AdamW arithmetic, eps 1e-8); adamw-8bit is bitsandbytes' AdamW8bit (``lowbit``).
 PRESETS: dict[str, dict[str, Any]] = {
     "adamw": dict(project=False),
     "split": dict(),  # SplitOptimizer's own defaults: every option is the caller's
     "galore": dict(projector="svd", inner="adamw_hf", residual="drop", rank=128, update_gap=200, scale=0.25,
                    moments="keep", eps=1e-6),
+    "galore-8bit": dict(projector="svd", inner="adamw", residual="drop", rank=128, update_gap=200, scale=0.25,
+                        moments="keep", eps=1e-8, state_bits=8),
+    "adamw-8bit": dict(project=False, state_bits=8),
     "fira": dict(projector="svd", inner="adamw_hf", residual="fira", rank=128, update_gap=200, scale=0.25,
                  moments="keep", eps=1e-6),
+    "apollo": dict(projector="gaussian", inner="adamw_hf", residual="apollo", rank=256, update_gap=200, scale=1.0,
+                   moments="keep", eps=1e-6),
+    "apollo-mini": dict(projector="gaussian", inner="adamw_hf", residual="apollo_tensor", rank=1, update_gap=200,
+                        scale=128.0, moments="keep", eps=1e-6),
     "frugal": dict(projector="block", inner="adamw", residual="signsgd", density=0.25, update_gap=200,
                    block_order="sample", scale=1.0, moments="reset", residual_lr_scale=1.0, blocks="tensors"),
     "badam": dict(projector="block", inner="adamw", residual="drop", update_gap=50, block_order="descending",
@@ -149,7 +162,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, include_embeddings
 
 def build(name: str, params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
           include_embeddings: bool = False, **overrides: Any) -> SplitOptimizer:
-    """The preset ``name`` (adamw, galore, fira, frugal, badam, lisa, split) with ``overrides`` on ``params`` — a
+    """The preset ``name`` (adamw, galore, fira, apollo, apollo-mini, frugal, badam, lisa, split) with ``overrides`` on ``params`` — a
     model (split by ``param_groups``, whose options ``SPLIT_OPTIONS`` may be overridden too) or anything
     ``torch.optim`` accepts (then every 2-D tensor is projected / a block).
 

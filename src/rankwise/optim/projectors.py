@@ -17,6 +17,8 @@ svd        top-r singular vectors of G on its smaller   ``basis`` d x r
 rsvd       randomized range finder, q power iterations, ``basis`` d x r
            warm-started from the previous basis
 random     orthonormalized Gaussian (seeded)            ``seed`` (a Python int)
+gaussian   N(0, 1/r) entries, not orthonormalized       ``seed``, ``right`` (Python
+           (APOLLO), seeds chained per refresh          int, bool)
 coordinates r of the d rows of Gt (FRUGAL's ``randperm``)  ``index`` r int64
 ========== ============================================ =========================
 
@@ -27,6 +29,7 @@ default) and ``rows``; S is stored as ``index`` (int64) and redrawn every ``upda
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -41,8 +44,17 @@ def canonical(g: torch.Tensor) -> torch.Tensor:
     return g.t() if g.shape[0] >= g.shape[1] else g
 
 
-def generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+def generator(device: torch.device, seed: int) -> torch.Generator | None:
+    """A seeded generator on ``device`` (None on ``meta``, which has none: shapes only, for the planner)."""
+    return None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
+
+
+def mix(*xs: int) -> int:
+    """A deterministic seed from integers (period, param index, user seed)."""
+    h = 0
+    for x in xs:
+        h = (h * 0x9E3779B97F4A7C15 + x + 0x632BE59BD9B4E019) % (1 << 61)
+    return h
 
 
 class Projector:
@@ -50,9 +62,15 @@ class Projector:
     step, what ``down``/``up``/``residual`` need (the dense basis, or the kept indices)."""
 
     name: ClassVar[str]
+    orthonormal: ClassVar[bool] = True  # P^T P = I
 
     def __init__(self, rank: int):
         self.rank = rank
+
+    def seed(self, state: State, base: int, index: int, period: int) -> int:
+        """The seed ``refresh`` gets for ``period`` of param ``index`` (``base``: the user's seed); by default a
+        pure function of the three, so resuming is exact."""
+        return mix(base, index, period)
 
     def refresh(self, g: torch.Tensor, state: State, seed: int) -> None:
         """Choose the basis for the coming period from the gradient ``g`` (m, n) in its own orientation (what the
@@ -192,7 +210,46 @@ class Coordinates(Projector):
         return gt.index_fill(0, h, 0)
 
 
-PROJECTORS: dict[str, type[Projector]] = {p.name: p for p in (SVD, RandomizedSVD, RandomGaussian, Coordinates)}
+def next_seed(seed: int) -> int:
+    """APOLLO's seed chain (apollo-torch ``random_projector.py``): the 15th int64 drawn from a CPU generator seeded
+    with ``seed``."""
+    draws = torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=torch.Generator().manual_seed(seed))
+    return int(draws[-1])
+
+
+class Gaussian(Projector):
+    """APOLLO's random projection (Zhu et al. 2024, arXiv 2412.05270, Sec. 4.1; apollo-torch ``random_projector.py``):
+    i.i.d. N(0, 1/r) entries, *not* orthonormalized, so E[P P^T] = I and ||P^T g|| ~ ||g|| (Johnson-Lindenstrauss):
+    the low-rank gradient keeps the scale of the full one, which APOLLO's scaling factors rely on (an orthonormal P
+    shrinks it by sqrt(r/d)). Like ``random`` it is regenerated from its seed every step, never stored.
+
+    As apollo-torch draws it: float32, shape (d, r) for a left projection (m < n) and (r, d), transposed, for a right
+    one, divided by sqrt(r), then cast to the gradient's dtype. The first period's seed is ``base + index + 1``
+    (apollo-torch: the param's 1-based position in the optimizer, base 0); each refresh advances it by ``next_seed``.
+    """
+
+    name = "gaussian"
+    orthonormal = False
+
+    def seed(self, state: State, base: int, index: int, period: int) -> int:
+        return next_seed(state["seed"]) if "seed" in state else base + index + 1
+
+    def refresh(self, g: torch.Tensor, state: State, seed: int) -> None:
+        state["seed"] = seed
+        state["right"] = g.shape[0] >= g.shape[1]
+
+    def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
+        state["seed"], state["right"] = seed, False
+
+    def handle(self, state: State, gt: torch.Tensor) -> torch.Tensor:
+        d, r = gt.shape[0], self.rank
+        z = torch.randn((r, d) if state["right"] else (d, r), device=gt.device,
+                        generator=generator(gt.device, state["seed"])) / math.sqrt(r)
+        return (z.t() if state["right"] else z).to(gt.dtype)
+
+
+PROJECTORS: dict[str, type[Projector]] = {p.name: p for p in (SVD, RandomizedSVD, RandomGaussian, Gaussian,
+                                                              Coordinates)}
 
 
 class CoordinateSubset:
@@ -214,9 +271,9 @@ class CoordinateSubset:
             return int(self.length(shape) * density)
         return rank * max(shape) if self.dim is None else rank
 
-    def entries(self, shape: torch.Size, k: int) -> int:
-        """Numel of G_S for |S| = k."""
-        return k if self.dim is None else k * shape[1 - self.dim]
+    def shape(self, shape: torch.Size, k: int) -> tuple[int, ...]:
+        """Shape of G_S for |S| = k."""
+        return (k,) if self.dim is None else (k, shape[1]) if self.dim == 0 else (shape[0], k)
 
     def pick(self, shape: torch.Size, k: int, seed: int, device: torch.device) -> torch.Tensor:
         perm = torch.randperm(self.length(shape), generator=generator(torch.device("cpu"), seed))

@@ -3,14 +3,17 @@
 An inner rule turns a gradient ``g`` (any shape; the projected (r, D) one, or a full one for plain params) into a
 direction ``u = c * n`` with the update ``p <- p - lr * u``: ``n`` the normalized direction, ``c`` a scalar
 step-size factor (``gain``: sqrt(bc2)/bc1 for ``adamw_hf``, 1 for the others). Its state (moments, a float32 scalar
-``step`` as in ``torch.optim``) lives in the param's optimizer state. It can reset its moments, or rotate them into a
+``step`` as in ``torch.optim``) lives in the param's optimizer state; moments may be fp32 for a lower-precision
+gradient (``state_bits``), the direction is in the gradient's dtype. It can reset its moments, or rotate them into a
 new basis (``R = P_new^T P_old``) when the projector refreshes. ``directions`` is ``direction`` for many params with
 ``torch._foreach_*`` ops (the batched step); ``apply_`` updates params by their whole gradients (plain params,
 selected blocks) and may fuse the step: Adam / AdamW as ``torch.optim.AdamW`` (``addcdiv``, bit for bit), ``adamw_hf``
 as galore-torch's and Fira's unprojected params.
 
-A residual rule turns ``Gt - w P P^T Gt`` (w = ``subspace_weight``, 1 except for Fira) into a direction applied with
-its own learning rate (``lr * residual_lr_scale``); only ``fira`` / ``fira_exact`` keep state (one scalar).
+A residual rule turns ``Gt - w P P^T Gt`` (w = ``subspace_weight``: 1, Fira's ``scale``, or 0 for APOLLO, which scales
+the raw full gradient) into a direction applied with its own learning rate (``lr * residual_lr_scale``), next to the
+inner update ``inner_weight * P u`` (``scale``; 0 for APOLLO); only the ``GradientScaling`` rules (fira, fira_exact,
+apollo, apollo_tensor) keep state (one scalar, the limiter's previous norm).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class InnerRule:
     moments: ClassVar[tuple[str, ...]]
     coupled_decay: ClassVar[bool]  # weight decay added to the gradient (Adam, SGD) rather than to the weights (AdamW)
     decay_after: ClassVar[bool] = False  # decoupled decay of the updated weights (transformers' AdamW), not before
+    unsigned: ClassVar[tuple[str, ...]] = ()  # moments that are never negative (an unsigned map when quantized)
 
     def init(self, state: State, like: torch.Tensor) -> None:
         state["step"] = torch.tensor(0.0)
@@ -42,14 +46,14 @@ class InnerRule:
             state[k].zero_()
 
     def drop(self, state: State) -> None:
-        """Free the moments (a block that goes inactive)."""
-        for k in ("step", *self.moments):
-            state.pop(k, None)
+        """Free the moments (a block that goes inactive), with their quantization scales if stored low-bit."""
+        for k in [k for k in state if k == "step" or k.split(".")[0] in self.moments]:
+            del state[k]
 
     def rotate(self, state: State, r: torch.Tensor) -> None:
         """Express the moments in a new basis: first moments are linear, ``m <- R m``."""
         for k in self.moments:
-            state[k] = r @ state[k]
+            state[k] = r.to(state[k].dtype) @ state[k]
 
     def direction(self, g: torch.Tensor, state: State, group: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
@@ -84,11 +88,13 @@ class Adam(InnerRule):
 
     name = "adam"
     moments = ("exp_avg", "exp_avg_sq")
+    unsigned = ("exp_avg_sq",)
     coupled_decay = True
 
     def rotate(self, state: State, r: torch.Tensor) -> None:
         """``m <- R m``; the second moment is not linear in the basis, so ``v <- (R * R) v``: the diagonal of
         ``R diag(v) R^T`` (exact when R is a permutation, e.g. ``coordinates``; non-negative always)."""
+        r = r.to(state["exp_avg"].dtype)
         state["exp_avg"] = r @ state["exp_avg"]
         state["exp_avg_sq"] = (r * r) @ state["exp_avg_sq"]
 
@@ -97,10 +103,10 @@ class Adam(InnerRule):
         state["step"] += 1
         t = state["step"].item()
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(g, 1 - beta1)
+        m.lerp_(g.to(m.dtype), 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-        return (m / (1 - beta1 ** t)).div_(denom)
+        return (m / (1 - beta1 ** t)).div_(denom).to(g.dtype)
 
     def directions(self, gs, states, group):
         ts, ms, denom = self._moments(gs, states, group)
@@ -156,7 +162,7 @@ class AdamWHF(Adam):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        return (m / v.sqrt().add_(group["eps"])).mul_(self.gain(state, group))
+        return (m / v.sqrt().add_(group["eps"])).mul_(self.gain(state, group)).to(g.dtype)
 
     def directions(self, gs, states, group):
         beta1, beta2 = group["betas"]
@@ -213,7 +219,7 @@ class SGDMomentum(InnerRule):
         else:
             buf.mul_(mu).add_(g)
         state["step"] += 1
-        return g.add(buf, alpha=mu) if group["nesterov"] else buf
+        return g.add(buf, alpha=mu) if group["nesterov"] else buf.to(g.dtype)
 
     def directions(self, gs, states, group):
         mu = group["momentum"]
@@ -256,6 +262,11 @@ class ResidualRule:
         """w: how much of the in-subspace part ``P P^T Gt`` the residual removes (1: the exact complement)."""
         return 1.0
 
+    def inner_weight(self, group: dict[str, Any]) -> float:
+        """The multiplier of the back-projected inner update ``P u`` (``scale``; 0 when the inner rule only feeds the
+        residual rule, APOLLO)."""
+        return group["scale"]
+
 
 class Drop(ResidualRule):
     """GaLore, BAdam, LISA: the residual is discarded (never even computed)."""
@@ -285,52 +296,63 @@ class SignSGDResidual(ResidualRule):
         return resid.sign()
 
 
-class FiraResidual(ResidualRule):
-    """Fira (Chen et al. 2024, arXiv 2410.01623, Eq. 7-9) as fira 1.0.2's ``fira/fira_adamw.py`` computes it, with
-    the inner direction u = c * n (c: the inner rule's ``gain``, sqrt(bc2)/bc1 for ``adamw_hf``):
+class GradientScaling(ResidualRule):
+    """The part Fira and APOLLO share: a scaling of the (residual) gradient from the low-rank inner rule's ratio,
+    with Fira's norm-growth limiter. With the inner direction u = c * n (c: the inner rule's ``gain``,
+    sqrt(bc2)/bc1 for ``adamw_hf``) and g = P^T Gt:
 
-        S = (G - alpha P P^T G) * phi,   phi_j = ||n_:,j|| / (||(P^T G)_:,j|| + 1e-8)   (per column, alpha = ``scale``)
-        if ||S|| / ||S_prev|| > gamma:  S <- S * gamma ||S_prev|| / ||S||                 (limiter, gamma = 1.01)
-        direction = c * S
+        phi_j = ||n_:,j|| / (||g_:,j|| + 1e-8)  per column j   (``tensorwise``: phi = ||n|| / (||g|| + 1e-8))
+        S = (Gt - w P g) * phi                                 (w = ``subspace_weight``)
+        if ||S|| / ||S_prev|| > gamma:  S <- S * gamma ||S_prev|| / ||S||        (limiter, gamma = 1.01)
+        direction = c * alpha * S                              (alpha = ``multiplier``)
 
     phi and the limiter see the direction before the step-size factor, and ``residual_norm`` keeps ||S|| of that
-    uncorrected S (Fira's ``scaling_grad``). The code's residual subtracts ``alpha P P^T G`` (its ``project_back``
-    applies alpha); ``fira_exact`` subtracts ``P P^T G``, the orthogonal complement the paper's Eq. 7 writes.
+    uncorrected S. The update is linear in Gt, so the optimizer applies it without forming S (``column_scale``).
     """
 
-    name = "fira"
     needs_subspace = True
     state_keys = ("residual_norm",)
     gamma = 1.01
+    tensorwise: ClassVar[bool] = False
+
+    def multiplier(self, group: dict[str, Any]) -> float:
+        return 1.0
+
+    def column_scale(self, gt, g_low, u_low, state, group, basis):
+        """phi / limiter per column (or scalar), times c * alpha. ||S|| comes from column norms without forming S
+        (g_j = P^T G_j): ||G_j - w P g_j||^2 = ||G_j||^2 - 2w ||g_j||^2 + w^2 g_j^T (P^T P) g_j, exact even where P
+        is orthonormal only to the precision of its SVD (an fp32 basis for fp64 weights)."""
+        gain = make_inner(group["inner"]).gain(state, group)
+        w = self.subspace_weight(group)
+        low_sq, u_sq = g_low.square().sum(0), u_low.square().sum(0)
+        if self.tensorwise:
+            phi = u_sq.sum().sqrt() / gain / (low_sq.sum().sqrt() + 1e-8)
+        else:
+            phi = u_sq.sqrt() / gain / (low_sq.sqrt() + 1e-8)  # per column of the (r, D) gradient
+        resid_sq = gt.square().sum(0)
+        if w:
+            back_sq = ((basis.t() @ basis) @ g_low).mul_(g_low).sum(0)  # ||P g_j||^2
+            resid_sq = (resid_sq - 2 * w * low_sq + w * w * back_sq).clamp(min=0)
+        norm = (phi.square() * resid_sq).sum().sqrt()
+        if "residual_norm" in state:
+            limiter = torch.clamp(norm / (state["residual_norm"] + 1e-8), min=self.gamma) / self.gamma
+            phi = phi / limiter
+            norm = norm / limiter
+        state["residual_norm"] = norm.to(torch.promote_types(norm.dtype, torch.float32)).reshape(())  # >= fp32
+        return phi * (gain * self.multiplier(group))
+
+
+class FiraResidual(GradientScaling):
+    """Fira (Chen et al. 2024, arXiv 2410.01623, Eq. 7-9) as fira 1.0.2's ``fira/fira_adamw.py`` computes it: the
+    ``GradientScaling`` of the residual ``G - alpha P P^T G`` (w = alpha = ``scale``), per column, next to GaLore's
+    ``alpha P u``. The code's residual subtracts ``alpha P P^T G`` (its ``project_back`` applies alpha);
+    ``fira_exact`` subtracts ``P P^T G``, the orthogonal complement the paper's Eq. 7 writes.
+    """
+
+    name = "fira"
 
     def subspace_weight(self, group):
         return group["scale"]
-
-    def column_scale(self, gt, g_low, u_low, state, group, basis):
-        """phi / limiter per column, times c (see ``scales``)."""
-        gain = make_inner(group["inner"]).gain(state, group)
-        c, norm = self.scales(gt, g_low, u_low, basis, gain, state.get("residual_norm"), group)
-        state["residual_norm"] = norm
-        return c
-
-    def scales(self, gt: torch.Tensor, g_low: torch.Tensor, u_low: torch.Tensor, basis: torch.Tensor,
-               gain: float | torch.Tensor, prev: torch.Tensor | None, group: dict[str, Any]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c, ||S||) of one matrix, or of a stack of them (leading batch dims; ``gain`` and ``prev`` then one per
-        matrix, shaped to broadcast). ||S|| comes from column norms without forming S (g_j = P^T G_j):
-        ||G_j - w P g_j||^2 = ||G_j||^2 - 2w ||g_j||^2 + w^2 g_j^T (P^T P) g_j, exact even where P is orthonormal
-        only to the precision of its SVD (an fp32 basis for fp64 weights)."""
-        w = self.subspace_weight(group)
-        low_sq = g_low.square().sum(-2)
-        phi = u_low.square().sum(-2).sqrt() / gain / (low_sq.sqrt() + 1e-8)  # per column of the (r, D) gradient
-        back_sq = ((basis.transpose(-2, -1) @ basis) @ g_low).mul_(g_low).sum(-2)  # ||P g_j||^2
-        resid_sq = (gt.square().sum(-2) - 2 * w * low_sq + w * w * back_sq).clamp(min=0)
-        norm = (phi.square() * resid_sq).sum(-1, keepdim=True).sqrt()
-        if prev is not None:
-            limiter = torch.clamp(norm / (prev + 1e-8), min=self.gamma) / self.gamma
-            phi = phi / limiter
-            norm = norm / limiter
-        return phi * gain, norm.to(torch.promote_types(norm.dtype, torch.float32)).squeeze(-1)  # >= fp32
 
 
 class FiraExactResidual(FiraResidual):
@@ -343,8 +365,41 @@ class FiraExactResidual(FiraResidual):
         return 1.0
 
 
+class APOLLOScaling(GradientScaling):
+    """APOLLO (Zhu et al. 2024, arXiv 2412.05270, Alg. 1) as apollo-torch's ``apollo.py`` computes it: the
+    ``GradientScaling`` of the *raw full* gradient (w = 0), channel-wise, and nothing else — the low-rank inner
+    update only feeds the scaling factors (``inner_weight`` 0):
+
+        W <- W - lr * c * sqrt(scale) * limiter(G * phi)       (c = sqrt(bc2)/bc1 with ``adamw_hf``)
+
+    ``scale`` is apollo-torch's ``scale`` (1 for APOLLO, 128 for APOLLO-Mini; the paper's alpha = sqrt(scale)).
+    apollo-torch's ``scale_front`` (sqrt(scale) applied before the limiter, its 60M/130M APOLLO-Mini scripts) only
+    moves the limiter's 1e-8 and multiplies its stored norm by sqrt(scale): the limiter here sees G * phi.
+    """
+
+    name = "apollo"
+
+    def subspace_weight(self, group):
+        return 0.0
+
+    def inner_weight(self, group):
+        return 0.0
+
+    def multiplier(self, group):
+        return math.sqrt(group["scale"])
+
+
+class APOLLOTensorScaling(APOLLOScaling):
+    """APOLLO-Mini's tensor-wise scaling (``scale_type="tensor"``): one phi = ||n|| / (||P^T G|| + 1e-8) for the
+    whole matrix, with rank 1 in the paper."""
+
+    name = "apollo_tensor"
+    tensorwise = True
+
+
 RESIDUAL_RULES: dict[str, type[ResidualRule]] = {r.name: r for r in (Drop, SGDResidual, SignSGDResidual, FiraResidual,
-                                                                   FiraExactResidual)}
+                                                                   FiraExactResidual, APOLLOScaling,
+                                                                   APOLLOTensorScaling)}
 
 
 def make_inner(name: str) -> InnerRule:

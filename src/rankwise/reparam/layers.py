@@ -211,3 +211,57 @@ class ReLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
                f"alpha={self.alpha}"
+
+
+class ChannelSparseLowRankLinear(nn.Module):
+    """LOST (Li et al. 2025, arXiv 2508.02668): ``y = gamma x (B A)^T + (1 - gamma) x[:, I] W_s^T + b``.
+
+    Init from the SVD of the layer's init weight ``W = U S V^T``: ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T`` (the
+    dominant rank-``r`` part); ``I`` = the ``max(1, floor(sparsity * in))`` input channels with the largest L2
+    column norm of the next ``k = min(svd_rank, min(m, n) - r)`` singular components
+    ``W_comp = U_{r:r+k} S_{r:r+k} V_{r:r+k}^T`` (sorted); ``W_s = W[:, I]`` (out x |I|), the init weight's columns
+    there, as in the reference code (JiaxiLi1/LOST-Low-rank-and-Sparse-Training-for-Large-Language-Models,
+    ``HybridSparseLinear.initialize_mask``). ``B``, ``A`` and ``W_s`` are trained; ``I`` is a fixed buffer.
+    Dense equivalent: ``gamma B A + (1 - gamma) S`` with ``S[:, I] = W_s`` and zeros elsewhere.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, rank: int, sparsity: float = 0.05,
+                 gamma: float = 0.5, svd_rank: int = 256):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.rank, self.sparsity, self.gamma = rank, sparsity, gamma
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        n_channels = max(1, int(sparsity * self.in_features))
+        if weight.device.type == "meta":
+            B, A = torch.empty(self.out_features, rank, **kw), torch.empty(rank, self.in_features, **kw)
+            channels = torch.empty(n_channels, dtype=torch.long, device="meta")
+            values = torch.empty(self.out_features, n_channels, **kw)
+        else:
+            U, s, Vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+            root = s[:rank].sqrt()
+            B, A = (U[:, :rank] * root).to(**kw), (root.unsqueeze(1) * Vh[:rank]).to(**kw)
+            k = min(svd_rank, s.numel() - rank)
+            comp = (U[:, rank:rank + k] * s[rank:rank + k]) @ Vh[rank:rank + k]
+            channels = comp.norm(dim=0).topk(n_channels).indices.sort().values
+            values = weight.detach()[:, channels].clone()
+        self.lora_A, self.lora_B = nn.Parameter(A.contiguous()), nn.Parameter(B.contiguous())
+        self.sparse_values = nn.Parameter(values)
+        self.register_buffer("sparse_channels", channels)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        sparse = F.linear(x.index_select(-1, self.sparse_channels), self.sparse_values)
+        out = low.mul(self.gamma).add_(sparse, alpha=1.0 - self.gamma)
+        return out if self.bias is None else out + self.bias
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_B, self.lora_A
+
+    def dense_weight(self) -> torch.Tensor:
+        w = (self.lora_B @ self.lora_A).mul(self.gamma)
+        return w.index_add(1, self.sparse_channels, self.sparse_values, alpha=1.0 - self.gamma)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"channels={self.sparse_channels.numel()}, gamma={self.gamma}, bias={self.bias is not None}"

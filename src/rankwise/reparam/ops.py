@@ -63,32 +63,46 @@ def replace_linears(model: nn.Module, names: list[str], build: Callable[[nn.Line
     return new
 
 
-def check_rank(rank: int, modules: Iterable[nn.Linear]) -> None:
+def check_rank(rank: int, modules: Iterable[nn.Linear], full: bool = False) -> None:
+    """``1 <= rank < min(m, n)`` of every target (``full``: ``rank == min(m, n)`` allowed too)."""
     smallest = min(min(m.in_features, m.out_features) for m in modules)
-    if not 0 < rank < smallest:
-        raise RankwiseError(f"rank must be in [1, {smallest - 1}] (below the smallest target dimension {smallest}), "
+    top = smallest if full else smallest - 1
+    if not 0 < rank <= top:
+        where = "at most" if full else "below"
+        raise RankwiseError(f"rank must be in [1, {top}] ({where} the smallest target dimension {smallest}), "
                             f"got {rank}")
+
+
+def grouped(items: list, key: Callable) -> list[list]:
+    """``items`` grouped by ``key(item)`` (first-seen order), so that equal shapes can share one batched op."""
+    groups: dict = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
+    return list(groups.values())
+
+
+def product_svd(Bs: torch.Tensor, As: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched thin SVD of ``B A`` (``B``: b x m x k, ``A``: b x k x n) without forming the m x n product.
+
+    Thin QR of ``B`` and ``A^T`` reduces it to the SVD of the k x k core ``R_B R_A^T``: O((m + n) k^2).
+    Returns ``(U, s, Vh)`` with ``B A = U diag(s) Vh``, ``s`` descending.
+    """
+    qb, rb = torch.linalg.qr(Bs)
+    qa, ra = torch.linalg.qr(As.transpose(1, 2))
+    u, s, vh = torch.linalg.svd(rb @ ra.transpose(1, 2))
+    return qb @ u, s, vh @ qa.transpose(1, 2)
 
 
 @torch.no_grad()
 def refactorize(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Re-factor each ``B A`` into balanced factors in place: ``B A = U S V^T``, ``B <- U S^1/2``, ``A <- S^1/2 V^T``.
 
-    Thin QR of ``B`` and ``A^T`` reduces the SVD to the r x r core ``R_B R_A^T`` (O((m + n) r^2), never m x n);
-    pairs of equal shapes are processed as one batch, in float64.
+    Uses ``product_svd`` (never the m x n product); pairs of equal shapes are processed as one batch, in float64.
     """
-    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-    for B, A in pairs:
-        groups[(tuple(B.shape), tuple(A.shape), B.device, B.dtype)].append((B, A))
-    for group in groups.values():
-        Bs = torch.stack([B for B, _ in group]).double()
-        As = torch.stack([A for _, A in group]).double()
-        qb, rb = torch.linalg.qr(Bs)
-        qa, ra = torch.linalg.qr(As.transpose(1, 2))
-        u, s, vh = torch.linalg.svd(rb @ ra.transpose(1, 2))
-        root = s.sqrt().unsqueeze(1)
-        new_B = qb @ (u * root)
-        new_A = (vh * root.transpose(1, 2)) @ qa.transpose(1, 2)
+    for group in grouped(pairs, lambda p: (tuple(p[0].shape), tuple(p[1].shape), p[0].device, p[0].dtype)):
+        u, s, vh = product_svd(torch.stack([B for B, _ in group]).double(), torch.stack([A for _, A in group]).double())
+        root = s.sqrt()
+        new_B, new_A = u * root.unsqueeze(1), vh * root.unsqueeze(2)
         for (B, A), nb, na in zip(group, new_B, new_A):
             B.copy_(nb)
             A.copy_(na)
@@ -98,6 +112,20 @@ def reset_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]
     """Forget the optimizer state of ``params`` (moments and step): their next update starts like a fresh Adam."""
     for p in params:
         optimizer.state.pop(p, None)
+
+
+@torch.no_grad()
+def reset_slices(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], keep: list[torch.Tensor]) -> None:
+    """Zero the optimizer state of ``params`` where ``keep`` (a bool mask broadcastable to each) is False: every state
+    tensor of the parameter's rank (moments, and ``SliceAdamW``'s per-slice steps), in one ``_foreach_mul_``."""
+    tensors, masks = [], []
+    for p, k in zip(params, keep):
+        for v in (optimizer.state.get(p) or {}).values():
+            if torch.is_tensor(v) and v.dim() == p.dim():
+                tensors.append(v)
+                masks.append(k)
+    if tensors:
+        torch._foreach_mul_(tensors, masks)
 
 
 @torch.no_grad()
