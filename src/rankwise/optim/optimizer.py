@@ -277,7 +277,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if not self._projected(p, group):
             if "step" not in state:
                 inner.init(state, g)
-            inner.apply_([p], [g], [state], group, lr)
+            self._whole(p, g, state, group, inner, lr)
         elif group["projector"] in BLOCK_SELECTORS:
             self._block_update(p, g, state, group, inner, t)
         elif group["projector"] in COORDINATE_SUBSETS:
@@ -298,6 +298,16 @@ class SplitOptimizer(torch.optim.Optimizer):
         shift = -(j * gap // n) % gap if group.get("stagger") else 0  # .get: checkpoints from before the option
         period, offset = divmod(t + shift, gap)
         return t == 0 or offset == 0, period
+
+    @staticmethod
+    def _whole(p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], inner: InnerRule,
+               lr: float) -> None:
+        """p <- p - lr * inner(g) for a whole gradient: the rule's fused ``apply_`` (what the batched step does), or
+        with quantized moments (fp32 during the step, ``state_bits``) the direction cast to the gradient's dtype."""
+        if group.get("state_bits"):
+            p.add_(inner.direction(g, state, group), alpha=-lr)
+        else:
+            inner.apply_([p], [g], [state], group, lr)
 
     @staticmethod
     def _period(group: dict[str, Any], t: int) -> tuple[int, int]:
@@ -334,7 +344,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if self._block[p] in self._active(group, period):
             if "step" not in state or (offset == 0 and group["moments"] == "reset"):
                 inner.init(state, g)
-            inner.apply_([p], [g], [state], group, group["lr"] * group["scale"])
+            self._whole(p, g, state, group, inner, group["lr"] * group["scale"])
             return
         if group["moments"] == "reset":
             inner.drop(state)
