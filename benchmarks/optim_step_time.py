@@ -1,11 +1,16 @@
 """Training-step time of our optimizers vs ``torch.optim.AdamW`` and vs ``galore-torch``'s GaLoreAdamW.
 
     python benchmarks/optim_step_time.py --preset tiny --rank 64 --steps 20 --repeats 5
+    python benchmarks/optim_step_time.py --preset tiny --rank 64 --steps 10 --repeats 5 --cpu-time \
+        --optimizers torch-adamw galore-torch adamw galore fira frugal galore@perparam fira@perparam
 
 Same model, same batch, same process. Each optimizer runs ``steps`` full training steps (forward + backward +
 optimizer step) at steady state (after the step-0 subspace fit; ``update_gap`` is longer than the run), repeated
-``repeats`` times in interleaved order; reported: median seconds per step, and ours / anchor ratios. The optimizer
-step alone is timed too (the part that differs).
+``repeats`` times in interleaved order; reported: median seconds per step, and ours / anchor ratios (anchor:
+``torch.optim.AdamW(foreach=True)``; ``torch-adamw-loop`` is its ``foreach=False``). The optimizer step alone is timed
+too (the part that differs). ``NAME@perparam`` is preset NAME with ``SplitOptimizer.batched = False`` (the per-param
+path; the batched step's before / after in one run). ``--opt-only`` times ``optimizer.step()`` alone on one fixed
+set of gradients (no forward / backward: quicker and steadier on a loaded machine; the same arithmetic per step).
 """
 
 from __future__ import annotations
@@ -32,15 +37,18 @@ def galore_torch(model: torch.nn.Module, rank: int, lr: float):
 
 
 def make(name: str, model: torch.nn.Module, rank: int, lr: float):
-    if name == "torch-adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr)
+    if name in ("torch-adamw", "torch-adamw-loop"):
+        return torch.optim.AdamW(model.parameters(), lr=lr, foreach=name == "torch-adamw")
     if name == "galore-torch":
         return galore_torch(model, rank, lr)
+    name, _, path = name.partition("@")
     preset, _, projector = name.partition("-")
     kw = {} if preset in ("adamw", "badam", "lisa") else {"rank": rank}
     if projector:
         kw["projector"] = projector
-    return build(preset, model, lr=lr, update_gap=10**6, **kw)
+    opt = build(preset, model, lr=lr, update_gap=10**6, **kw)
+    opt.batched = path != "perparam"
+    return opt
 
 
 def main() -> None:
@@ -55,6 +63,7 @@ def main() -> None:
                     help="1 thread, process CPU time instead of wall time (robust on a shared, loaded machine)")
     ap.add_argument("--optimizers", nargs="+", default=["torch-adamw", "adamw", "galore", "galore-torch", "fira",
                                                          "frugal", "galore-rsvd", "galore-random", "badam", "lisa"])
+    ap.add_argument("--opt-only", action="store_true", help="time optimizer.step() alone, on fixed gradients")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1 if args.cpu_time else min(2, torch.get_num_threads()))
@@ -72,23 +81,27 @@ def main() -> None:
         step(model, opt, x, device)  # the step-0 fit / state allocation: not steady state
     totals: dict[str, list[float]] = {n: [] for n in runs}
     opt_only: dict[str, list[float]] = {n: [] for n in runs}
+    if args.opt_only:
+        for model, opt in runs.values():
+            model(input_ids=x[:, :-1], labels=x[:, :-1]).loss.backward()
     for _ in range(args.repeats):
         for name, (model, opt) in runs.items():
             for _ in range(args.steps):
-                t_total, t_opt = step(model, opt, x, device)
+                t_total, t_opt = opt_step(opt, device) if args.opt_only else step(model, opt, x, device)
                 totals[name].append(t_total)
                 opt_only[name].append(t_opt)
     med = {n: statistics.median(v) for n, v in totals.items()}
     med_opt = {n: statistics.median(v) for n, v in opt_only.items()}
     print(f"{'CPU time, 1 thread' if args.cpu_time else 'wall time'}: {args.preset} on {device}, batch {args.batch_size}x{args.seq_len}, rank {args.rank}, "
           f"median of {args.repeats}x{args.steps} steps")
-    print("| optimizer | step ms | / torch AdamW | / galore-torch | optimizer.step ms | step-only / galore-torch |")
-    print("|---|---|---|---|---|---|")
+    print("| optimizer | step ms | / torch AdamW | / galore-torch | optimizer.step ms | step-only / torch AdamW | "
+          "step-only / galore-torch |")
+    print("|---|---|---|---|---|---|---|")
     g, go = med.get("galore-torch"), med_opt.get("galore-torch")
     for n in runs:
         print(f"| {n} | {med[n] * 1e3:.1f} | {med[n] / med['torch-adamw']:.3f} | "
               f"{(f'{med[n] / g:.3f}' if g else '-')} | {med_opt[n] * 1e3:.2f} | "
-              f"{(f'{med_opt[n] / go:.3f}' if go else '-')} |")
+              f"{med_opt[n] / med_opt['torch-adamw']:.3f} | {(f'{med_opt[n] / go:.3f}' if go else '-')} |")
 
 
 clock = time.perf_counter
@@ -107,6 +120,16 @@ def step(model, opt, x, device) -> tuple[float, float]:
     sync()
     t2 = clock()
     return t2 - t0, t2 - t1
+
+
+def opt_step(opt, device) -> tuple[float, float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = clock()
+    opt.step()
+    sync()
+    t = clock() - t0
+    return t, t
 
 
 if __name__ == "__main__":

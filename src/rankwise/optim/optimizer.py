@@ -21,6 +21,10 @@ not projected (1-D ones, and any group with ``project=False``) get the inner rul
 Weight decay: ``adam`` / ``sgd`` add ``wd * W`` to the gradient (L2); ``adamw`` scales ``W <- W (1 - lr wd)`` before
 the update (torch); ``adamw_hf`` applies ``W <- W - lr wd W`` to the updated weights (transformers).
 
+``step()`` updates what ``batched.py`` covers in batches (``bmm`` over matrices of one shape, ``torch._foreach_*``
+over the rest; the same arithmetic, bit-exact on the CPU) and everything else one param at a time (``_update``, also
+the layer-wise hooks' path); ``SplitOptimizer.batched = False`` turns batching off.
+
 ``state_bits=8`` / ``4`` stores every inner rule's moments (of projected and plain params alike) block-wise quantized
 between steps, fp32 during the step (``lowbit``: 8-bit Adam's dynamic-map quantization, arXiv 2110.02861).
 
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import RankwiseError
+from .batched import batched_step
 from . import lowbit
 from .blocks import BLOCK_SELECTORS, ORDERS, make_selector
 from .projectors import COORDINATE_SUBSETS, PROJECTORS, Projector, canonical, make_projector
@@ -86,6 +91,8 @@ class SplitOptimizer(torch.optim.Optimizer):
             quantized (``lowbit``; 8: bitsandbytes, 4: torchao), smaller ones in fp32.
         layerwise: update in post-accumulate-grad hooks (see module docstring).
     """
+
+    batched = True  # step() batches what ``batched.py`` covers; False: every param through ``_update``
 
     def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], projector: str = "svd",
                  inner: str = "adamw", residual: str = "drop", rank: int = 128, update_gap: int = 200,
@@ -222,9 +229,9 @@ class SplitOptimizer(torch.optim.Optimizer):
         if self.layerwise:
             return loss
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in batched_step(self, group, params) if self.batched else params:
+                self._update(p, group)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -270,7 +277,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if not self._projected(p, group):
             if "step" not in state:
                 inner.init(state, g)
-            p.add_(inner.direction(g, state, group), alpha=-lr)
+            self._whole(p, g, state, group, inner, lr)
         elif group["projector"] in BLOCK_SELECTORS:
             self._block_update(p, g, state, group, inner, t)
         elif group["projector"] in COORDINATE_SUBSETS:
@@ -291,6 +298,16 @@ class SplitOptimizer(torch.optim.Optimizer):
         shift = -(j * gap // n) % gap if group.get("stagger") else 0  # .get: checkpoints from before the option
         period, offset = divmod(t + shift, gap)
         return t == 0 or offset == 0, period
+
+    @staticmethod
+    def _whole(p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], inner: InnerRule,
+               lr: float) -> None:
+        """p <- p - lr * inner(g) for a whole gradient: the rule's fused ``apply_`` (what the batched step does), or
+        with quantized moments (fp32 during the step, ``state_bits``) the direction cast to the gradient's dtype."""
+        if group.get("state_bits"):
+            p.add_(inner.direction(g, state, group), alpha=-lr)
+        else:
+            inner.apply_([p], [g], [state], group, lr)
 
     @staticmethod
     def _period(group: dict[str, Any], t: int) -> tuple[int, int]:
@@ -327,7 +344,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         if self._block[p] in self._active(group, period):
             if "step" not in state or (offset == 0 and group["moments"] == "reset"):
                 inner.init(state, g)
-            p.add_(inner.direction(g, state, group), alpha=-group["lr"] * group["scale"])
+            self._whole(p, g, state, group, inner, group["lr"] * group["scale"])
             return
         if group["moments"] == "reset":
             inner.drop(state)

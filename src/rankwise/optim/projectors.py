@@ -85,6 +85,10 @@ class Projector:
         """This step's basis P (d x r) (subclasses may return something cheaper, e.g. indices)."""
         return state["basis"]
 
+    def handles(self, states: list[State], gts: list[torch.Tensor]) -> torch.Tensor:
+        """``handle`` of many matrices of one shape, stacked: (B, d, r) (``SplitOptimizer``'s batched step)."""
+        return torch.stack([self.handle(s, g) for s, g in zip(states, gts)])
+
     def dense(self, h: torch.Tensor, d: int) -> torch.Tensor:
         """P as a dense (d, r) matrix, from a handle."""
         return h
@@ -170,6 +174,12 @@ class RandomGaussian(Projector):
     def handle(self, state: State, gt: torch.Tensor) -> torch.Tensor:
         g = torch.randn(gt.shape[0], self.rank, device=gt.device, generator=generator(gt.device, state["seed"]))
         return torch.linalg.qr(g).Q.to(gt.dtype)
+
+    def handles(self, states: list[State], gts: list[torch.Tensor]) -> torch.Tensor:
+        d, device = gts[0].shape[0], gts[0].device
+        g = torch.stack([torch.randn(d, self.rank, device=device, generator=generator(device, s["seed"]))
+                         for s in states])
+        return torch.linalg.qr(g).Q.to(gts[0].dtype)  # one batched QR
 
 
 class Coordinates(Projector):

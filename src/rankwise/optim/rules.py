@@ -5,7 +5,10 @@ direction ``u = c * n`` with the update ``p <- p - lr * u``: ``n`` the normalize
 step-size factor (``gain``: sqrt(bc2)/bc1 for ``adamw_hf``, 1 for the others). Its state (moments, a float32 scalar
 ``step`` as in ``torch.optim``) lives in the param's optimizer state; moments may be fp32 for a lower-precision
 gradient (``state_bits``), the direction is in the gradient's dtype. It can reset its moments, or rotate them into a
-new basis (``R = P_new^T P_old``) when the projector refreshes.
+new basis (``R = P_new^T P_old``) when the projector refreshes. ``directions`` is ``direction`` for many params with
+``torch._foreach_*`` ops (the batched step); ``apply_`` updates params by their whole gradients (plain params,
+selected blocks) and may fuse the step: Adam / AdamW as ``torch.optim.AdamW`` (``addcdiv``, bit for bit), ``adamw_hf``
+as galore-torch's and Fira's unprojected params.
 
 A residual rule turns ``Gt - w P P^T Gt`` (w = ``subspace_weight``: 1, Fira's ``scale``, or 0 for APOLLO, which scales
 the raw full gradient) into a direction applied with its own learning rate (``lr * residual_lr_scale``), next to the
@@ -55,9 +58,28 @@ class InnerRule:
     def direction(self, g: torch.Tensor, state: State, group: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def directions(self, gs: list[torch.Tensor], states: list[State], group: dict[str, Any]) -> list[torch.Tensor]:
+        """``direction`` of many params at once with ``torch._foreach_*`` ops, the same arithmetic elementwise
+        (what ``SplitOptimizer``'s batched step calls; rules without it take the per-param path)."""
+        raise NotImplementedError
+
+    def apply_(self, params: list[torch.Tensor], gs: list[torch.Tensor], states: list[State], group: dict[str, Any],
+               lr: float) -> None:
+        """``p <- p - lr * direction(g)`` for whole gradients (plain params, selected blocks), both paths; rules may
+        fuse it (Adam: torch's ``addcdiv``). Default: one ``direction`` per param."""
+        for p, g, state in zip(params, gs, states):
+            p.add_(self.direction(g, state, group), alpha=-lr)
+
     def gain(self, state: State, group: dict[str, Any]) -> float:
         """The step-size factor c of the last direction, u = c * n (1 unless the rule has one)."""
         return 1.0
+
+
+def _count(states: list[State]) -> list[float]:
+    """``step += 1`` for every state; the new step counts as floats (the states' ``step`` live on the CPU)."""
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1)
+    return [s.item() for s in steps]
 
 
 class Adam(InnerRule):
@@ -85,6 +107,31 @@ class Adam(InnerRule):
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
         return (m / (1 - beta1 ** t)).div_(denom).to(g.dtype)
+
+    def directions(self, gs, states, group):
+        ts, ms, denom = self._moments(gs, states, group)
+        u = torch._foreach_div(ms, [1 - group["betas"][0] ** t for t in ts])
+        torch._foreach_div_(u, denom)
+        return u
+
+    def apply_(self, params, gs, states, group, lr):
+        """``torch.optim.AdamW``'s (foreach and for-loop) arithmetic: p <- p - (lr / bc1) * m / denom."""
+        ts, ms, denom = self._moments(gs, states, group)
+        torch._foreach_addcdiv_(params, ms, denom, [(lr / (1 - group["betas"][0] ** t)) * -1 for t in ts])
+
+    @staticmethod
+    def _moments(gs, states, group):
+        """Moment updates; (steps, first moments, sqrt(v / bc2) + eps) for many params."""
+        beta1, beta2 = group["betas"]
+        ts = _count(states)
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in ts])
+        torch._foreach_add_(denom, group["eps"])
+        return ts, ms, denom
 
 
 class AdamW(Adam):
@@ -117,6 +164,38 @@ class AdamWHF(Adam):
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         return (m / v.sqrt().add_(group["eps"])).mul_(self.gain(state, group)).to(g.dtype)
 
+    def directions(self, gs, states, group):
+        beta1, beta2 = group["betas"]
+        ts, n = self._normalized(gs, states, group)
+        torch._foreach_mul_(n, [math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) for t in ts])
+        return n
+
+    def apply_(self, params, gs, states, group, lr):
+        """galore-torch's / Fira's arithmetic for an unprojected param: p <- p - step_size * (m / denom),
+        step_size = lr * sqrt(bc2) / bc1 (one ``add_`` per distinct step count)."""
+        beta1, beta2 = group["betas"]
+        ts, n = self._normalized(gs, states, group)
+        by_step: dict[float, list[int]] = {}
+        for i, t in enumerate(ts):
+            by_step.setdefault(t, []).append(i)
+        for t, idx in by_step.items():
+            step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            torch._foreach_add_([params[i] for i in idx], [n[i] for i in idx], alpha=-step_size)
+
+    @staticmethod
+    def _normalized(gs, states, group):
+        """Moment updates; (steps, m / (sqrt(v) + eps)) for many params."""
+        beta1, beta2 = group["betas"]
+        ts = _count(states)
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, gs, alpha=1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, group["eps"])
+        return ts, torch._foreach_div(ms, denom)
+
     def gain(self, state: State, group: dict[str, Any]) -> float:
         beta1, beta2 = group["betas"]
         t = state["step"].item()
@@ -141,6 +220,22 @@ class SGDMomentum(InnerRule):
             buf.mul_(mu).add_(g)
         state["step"] += 1
         return g.add(buf, alpha=mu) if group["nesterov"] else buf.to(g.dtype)
+
+    def directions(self, gs, states, group):
+        mu = group["momentum"]
+        bufs = [s["momentum_buffer"] for s in states]
+        first = [s["step"].item() == 0 for s in states]
+        if any(first):
+            torch._foreach_copy_([b for b, f in zip(bufs, first) if f], [g for g, f in zip(gs, first) if f])
+        if not all(first):
+            later = [b for b, f in zip(bufs, first) if not f]
+            torch._foreach_mul_(later, mu)
+            torch._foreach_add_(later, [g for g, f in zip(gs, first) if not f])
+        _count(states)
+        return torch._foreach_add(gs, bufs, alpha=mu) if group["nesterov"] else bufs
+
+    def apply_(self, params, gs, states, group, lr):
+        torch._foreach_add_(params, self.directions(gs, states, group), alpha=-lr)
 
 
 INNER_RULES: dict[str, type[InnerRule]] = {r.name: r for r in (Adam, AdamW, AdamWHF, SGDMomentum)}
