@@ -114,6 +114,22 @@ def wrap(model: nn.Module, d: Dist | None) -> nn.Module:
     return model
 
 
+def reshard_model(model: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back on ``model`` after a forward without backward (evaluation).
+
+    The root FSDP unit keeps its parameters unsharded after forward (it expects the backward next); after a no-grad
+    forward nothing reshards them, so ``model.parameters()`` then yields the *unsharded* tensors of the embedding,
+    final norm and LM head, not the sharded ones that receive the gradients and that the optimizer holds. A
+    gradient-norm list built then misses those three gradients (measured: norm 4.48 instead of 5.17 at step 1 of the
+    tiny model, clipping left them unscaled) — the cause of both the FSDP / single-process loss gap and the resume
+    difference (a resumed run skips the initial evaluation, so its list was complete). A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def scalar(t: torch.Tensor, d: Dist | None) -> float:
     """A (possibly DTensor) scalar as a float, e.g. the norm returned by ``clip_grad_norm_`` under FSDP."""
     if d is None:

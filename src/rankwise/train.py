@@ -277,6 +277,7 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
             total += lm_loss(model, batch).item() * n
             count += n
     model.train(was_training)
+    distributed.reshard_model(model)
     return total / count
 
 
