@@ -140,16 +140,22 @@ def scalar(t: torch.Tensor, d: Dist | None) -> float:
 
 
 def reshard_state(optimizer: torch.optim.Optimizer, d: Dist | None) -> None:
-    """Under FSDP, turn every replicated optimizer-state DTensor into a dim-0 shard (no communication)."""
+    """Under FSDP, turn every replicated optimizer-state DTensor into a dim-0 shard (no communication): what the
+    all-gather design (``side="auto"``) computes comes back replicated. Groups with ``side="shard"`` are skipped:
+    their basis is meant to be replicated and their moments are already sharded."""
     if d is None or d.mode != "fsdp":
         return
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if (isinstance(value, DTensor) and value.ndim >= 1
-                    and all(isinstance(p, Replicate) for p in value.placements)):
-                state[key] = value.redistribute(value.device_mesh, [Shard(0)])
+    for group in optimizer.param_groups:
+        if group.get("side") == "shard":  # placed by the optimizer itself (rankwise.optim.sharded): kept as is
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if (isinstance(value, DTensor) and value.ndim >= 1
+                        and all(isinstance(x, Replicate) for x in value.placements)):
+                    state[key] = value.redistribute(value.device_mesh, [Shard(0)])
 
 
 def local_state_bytes(optimizer: torch.optim.Optimizer) -> int:

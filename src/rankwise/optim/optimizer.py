@@ -36,7 +36,8 @@ from torch import nn
 
 from ..errors import RankwiseError
 from .blocks import BLOCK_SELECTORS, ORDERS, make_selector
-from .projectors import COORDINATE_SUBSETS, PROJECTORS, Projector, canonical, make_projector
+from . import sharded
+from .projectors import COORDINATE_SUBSETS, PROJECTORS, SIDES, Projector, make_projector, orient
 from .rules import INNER_RULES, RESIDUAL_RULES, InnerRule, make_inner, make_residual
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
@@ -78,6 +79,9 @@ class SplitOptimizer(torch.optim.Optimizer):
         project: per group; False = plain inner rule on full gradients. names / blocks: per group, one per param
             (error messages; block ids for ``block``/``layers``, default one block per param). block_ids: per group,
             the ids the selector chooses from (default: those of the group; groups sharing them share the choice).
+        side: ``auto`` (the basis spans the smaller side, GaLore's rule) or ``shard`` (always the right side, n x r:
+            a weight sharded by rows under FSDP2 then projects, keeps its moments and back-projects locally;
+            ``rsvd`` refreshes by a distributed range finder; see ``rankwise.optim.sharded``).
         layerwise: update in post-accumulate-grad hooks (see module docstring).
     """
 
@@ -88,7 +92,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                  weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False, moments: str = "keep",
                  residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
                  block_order: str = "ascending", active_blocks: int = 1, block_phase: int = 0, seed: int = 0,
-                 project: bool = True, layerwise: bool = False):
+                 project: bool = True, layerwise: bool = False, side: str = "auto"):
         self._index: dict[nn.Parameter, int] = {}
         self._block: dict[nn.Parameter, int] = {}
         self._group_of: dict[nn.Parameter, dict[str, Any]] = {}
@@ -97,7 +101,8 @@ class SplitOptimizer(torch.optim.Optimizer):
                         scale=scale, density=density, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         momentum=momentum, nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
                         power_iters=power_iters, oversample=oversample, block_order=block_order,
-                        active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project)
+                        active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project,
+                        side=side)
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self._hooks = []
@@ -157,6 +162,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         choice("residual", RESIDUAL_RULES)
         choice("moments", MOMENT_POLICIES)
         choice("block_order", ORDERS)
+        choice("side", SIDES)
         for key in ("update_gap", "active_blocks", "power_iters"):
             if not isinstance(group[key], int) or group[key] < 1:
                 raise RankwiseError(f"{key} must be a positive integer, got {group[key]!r}")
@@ -334,14 +340,26 @@ class SplitOptimizer(torch.optim.Optimizer):
         proj: Projector = make_projector(group["projector"], self._rank(p, group), **(
             {"power_iters": group["power_iters"], "oversample": group["oversample"]}
             if group["projector"] == "rsvd" else {}))
-        gt = canonical(g)
+        side = group["side"]
+        gt = orient(g, side)
         d = gt.shape[0]
         refresh = t % group["update_gap"] == 0
         old = None
         if refresh:
             if group["moments"] == "rotate" and "step" in state:
                 old = proj.dense(proj.handle(state, gt), d)
-            proj.refresh(p.grad, state, _mix(group["seed"], self._index[p], t // group["update_gap"]))
+            seed = _mix(group["seed"], self._index[p], t // group["update_gap"])
+            if side == "shard" and group["projector"] == "rsvd":  # no gather: one n x k all-reduce per iteration
+                sharded.refresh_rsvd(orient(p.grad, side), state, self._rank(p, group), group["oversample"],
+                                     group["power_iters"], seed)
+            else:
+                with sharded.plain_as_replicated(gt):
+                    proj.refresh(p.grad, state, seed, side)
+        with sharded.plain_as_replicated(gt):
+            self._project_and_apply(p, gt, state, group, inner, proj, d, refresh, old)
+
+    def _project_and_apply(self, p: torch.Tensor, gt: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                           inner: InnerRule, proj: Projector, d: int, refresh: bool, old: torch.Tensor | None) -> None:
         h = proj.handle(state, gt)
         low = proj.down(gt, h)
         if "step" not in state:
@@ -351,7 +369,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         elif old is not None:
             inner.rotate(state, proj.dense(h, d).t() @ old)
         u = inner.direction(low, state, group)
-        pt = canonical(p)
+        pt = orient(p, group["side"])
         lr, rls = group["lr"], group["residual_lr_scale"]
         residual = make_residual(group["residual"])
         c = None
@@ -404,6 +422,8 @@ class SplitOptimizer(torch.optim.Optimizer):
                     total += 8 * kept + k * sub.entries(p.shape, kept) * s + 4
                 else:
                     d, big, r = min(p.shape), max(p.shape), self._rank(p, group)
+                    if group["side"] == "shard":  # the right basis (n x r), moments r x m
+                        d, big = p.shape[1], p.shape[0]
                     basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "coordinates": 8 * r}
                     total += basis[group["projector"]] + k * r * big * s + 4
                     total += max(4, s) * len(RESIDUAL_RULES[group["residual"]].state_keys)  # >= fp32 scalars
