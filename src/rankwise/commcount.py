@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
-SKIP = ("wait_tensor", "barrier", "monitored_barrier")
+SKIP = ("wait_tensor", "barrier", "monitored_barrier", "_wrap_tensor_autograd")
 
 
 class CommCounter(TorchDispatchMode):

@@ -15,7 +15,40 @@ METHODS = {
     "galore": dict(method="galore", method_options={"rank": 8, "update_gap": 2}),
     "fira": dict(method="fira", method_options={"rank": 8, "update_gap": 2}),
     "frugal": dict(method="frugal", method_options={"update_gap": 2}),
+    # shard-local projection (side="shard"): exact SVD at refresh, the distributed range finder, Fira's statistics
+    "galore_shard": dict(method="galore", method_options={"rank": 8, "update_gap": 2, "side": "shard"}),
+    "galore_rsvd_shard": dict(method="galore", method_options={"rank": 8, "update_gap": 2, "side": "shard",
+                                                                "projector": "rsvd"}),
+    "fira_shard": dict(method="fira", method_options={"rank": 8, "update_gap": 2, "side": "shard"}),
 }
+
+
+class StepComm:
+    """Records the collectives of every ``SplitOptimizer.step`` (``CommCounter``) while installed."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[dict, int]] = []
+
+    def __enter__(self) -> "StepComm":
+        from rankwise.commcount import CommCounter
+        from rankwise.optim import SplitOptimizer
+
+        self._original = original = SplitOptimizer.step
+        record = self.steps
+
+        def step(opt, closure=None):
+            with CommCounter() as comm:
+                out = original(opt, closure)
+            record.append((dict(comm.counts), comm.bytes))
+            return out
+
+        SplitOptimizer.step = step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from rankwise.optim import SplitOptimizer
+
+        SplitOptimizer.step = self._original
 
 
 def config(**overrides) -> TrainConfig:
@@ -40,11 +73,13 @@ def scenarios(run_dir: str, methods: dict, steps: int, equivalence_steps: int, p
     if equivalence_steps:
         out["equivalence"] = losses(train(config(method="full", steps=equivalence_steps, parallel=parallel)))
     for name, opts in methods.items():
-        straight = train(config(steps=steps, parallel=parallel, **opts))
+        with StepComm() as comm:
+            straight = train(config(steps=steps, parallel=parallel, **opts))
         where = f"{run_dir}/{name}"
         first = train(config(steps=steps, stop_at=steps // 2, out=where, parallel=parallel, **opts))
         second = train(config(steps=steps, out=where, resume=where, parallel=parallel, **opts))
-        out[name] = {"straight": (losses(straight), full_state(straight.model)),
+        out[name] = {"straight": (losses(straight), full_state(straight.model)), "comm": comm.steps,
+                     "state_bytes": straight.metrics["optimizer_state_bytes"],
                      "resumed": (losses(first) + losses(second), full_state(second.model))}
     return out
 
