@@ -654,6 +654,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                         if committed is not None:
                             committed = None
                             guard.enter()
+                        optimizer.accumulating = micro < cfg.grad_accum - 1  # update on the last micro-batch only
                     (total_loss / cfg.grad_accum).backward()
                     loss_sum += loss.item()
                 loss_sum = distributed.mean(loss_sum, dist)

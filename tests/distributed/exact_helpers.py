@@ -20,6 +20,9 @@ METHODS = {
     "galore_rsvd_shard": dict(method="galore", method_options={"rank": 8, "update_gap": 2, "side": "shard",
                                                                 "projector": "rsvd"}),
     "fira_shard": dict(method="fira", method_options={"rank": 8, "update_gap": 2, "side": "shard"}),
+    # layer-wise updates in FSDP2's post-reduce-scatter hooks, on the last of 2 micro-batches (no clipping possible)
+    "galore_layerwise": dict(method="galore", grad_accum=2, grad_clip=0.0,
+                             method_options={"rank": 8, "update_gap": 2, "side": "shard", "layerwise": True}),
 }
 
 
@@ -62,6 +65,10 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def losses(res) -> list[float]:
     return [r["loss"] for r in res.history]
 
@@ -80,6 +87,7 @@ def scenarios(run_dir: str, methods: dict, steps: int, equivalence_steps: int, p
         second = train(config(steps=steps, out=where, resume=where, parallel=parallel, **opts))
         out[name] = {"straight": (losses(straight), full_state(straight.model)), "comm": comm.steps,
                      "state_bytes": straight.metrics["optimizer_state_bytes"],
+                     "weight_bytes": sum(_local(p).numel() * p.element_size() for p in straight.model.parameters()),
                      "resumed": (losses(first) + losses(second), full_state(second.model))}
     return out
 

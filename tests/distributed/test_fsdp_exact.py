@@ -79,3 +79,17 @@ def test_all_gather_design_moves_more_bytes_than_shard_local(runs):
     auto = sum(b for _, b in results["galore"]["comm"])
     shard = sum(b for _, b in results["galore_rsvd_shard"]["comm"])
     assert shard * 10 < auto
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_per_rank_plan_equals_the_measured_bytes(runs, method):
+    from rankwise.plan import plan
+
+    world, results = runs
+    opts = METHODS[method]
+    if "grad_accum" in opts:
+        pytest.skip("the planner's batch is per micro-batch; the state does not depend on it")
+    planned = plan("mini", opts["method"], batch=4, seq=32, dtype="fp32", vocab_size=2048, world=world,
+                   parallel="fsdp", options=opts.get("method_options"))
+    assert planned.bytes["optimizer_state"] == results[method]["state_bytes"]  # rank 0's local shards, exactly
+    assert planned.bytes["weights_trainable"] == results[method]["weight_bytes"]

@@ -23,8 +23,11 @@ the update (torch); ``adamw_hf`` applies ``W <- W - lr wd W`` to the updated wei
 Every option is also a param-group key, so groups can differ (e.g. embeddings plain, attention projected). ``lr``
 stays in ``param_groups`` for LR schedulers. ``layerwise=True`` runs each parameter's update inside a
 post-accumulate-grad hook and frees its gradient right away (GaLore's per-layer weight update, arXiv 2403.03507
-Sec. 4.3), so the full set of gradients is never alive at once; ``step()`` is then a no-op, gradient clipping has no
-effect (no gradient survives backward), and gradient accumulation is not supported (each backward updates).
+Sec. 4.3), so the full set of gradients is never alive at once; ``step()`` is then a no-op and gradient clipping has no
+effect (no gradient survives backward). Gradient accumulation: while ``accumulating`` is True (the training loop sets
+it for every micro-batch but the last) the hooks leave the gradients to accumulate, so the update runs once, on the
+summed gradient (galore-torch #78 updates on every micro-batch). Under FSDP2 the hooks fire on the *sharded* parameter
+right after its reduce-scatter (``fully_shard`` calls post-accumulate-grad hooks there).
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                         side=side)
         super().__init__(params, defaults)
         self.layerwise = layerwise
+        self.accumulating = False  # layer-wise: True on micro-batches whose gradients must accumulate (no update)
         self._hooks = []
         if layerwise:
             for group in self.param_groups:
@@ -202,14 +206,13 @@ class SplitOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One update of every parameter with a gradient (a no-op in layer-wise mode: the hooks did it)."""
+        """One update of every parameter with a gradient (in layer-wise mode the hooks did it: none is left)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.layerwise:
-            return loss
-        for group in self.param_groups:
+        for group in self.param_groups:  # layer-wise: the hooks have consumed the gradients (only DCP's state-init
+            # step, which sets zero gradients outside backward, finds some)
             for p in group["params"]:
                 if p.grad is not None:
                     self._update(p, group)
@@ -228,6 +231,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         self._selection = {}
 
     def _hook(self, p: torch.Tensor) -> None:
+        if self.accumulating:
+            return
         with torch.no_grad():
             self._update(p, self._group_of[p])
         p.grad = None

@@ -61,8 +61,8 @@ def range_finder(gt: torch.Tensor, rank: int, oversample: int, power_iters: int,
     a = gt.float()
     n = a.shape[0]
     k = min(n, rank + oversample)
-    g = torch.Generator(device=a.device).manual_seed(seed)
-    start = torch.randn(n, k - (rank if warm is not None else 0), device=a.device, generator=g)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on any device (and on meta)
+    start = torch.randn(n, k - (rank if warm is not None else 0), generator=g).to(a.device)
     if warm is not None:
         start = torch.cat([warm.float(), start], dim=1)
     q = torch.linalg.qr(start).Q
