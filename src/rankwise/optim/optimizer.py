@@ -139,6 +139,12 @@ class SplitOptimizer(torch.optim.Optimizer):
                                         "parameter in a param group with project=False")
             if self._projected(p, group) and group["projector"] in COORDINATE_SUBSETS:
                 sub = COORDINATE_SUBSETS[group["projector"]]
+                if sub.dim != 1 and sharded.is_dtensor(p):
+                    raise RankwiseError(f"projector {group['projector']!r} cannot run on FSDP-sharded parameters "
+                                        f"({name or 'param #' + str(self._index[p])}): its kept {sub.unit} are "
+                                        "indexed across the rows FSDP splits over the ranks; use projector "
+                                        "'columns' (FRUGAL's default coordinate mode), a subspace projector with "
+                                        "side='shard', or --parallel ddp")
                 k, length = sub.count(p.shape, group["rank"], group["density"]), sub.length(p.shape)
                 if not 1 <= k <= length:
                     label = name or f"param #{self._index[p]}"
@@ -264,7 +270,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         elif group["projector"] in BLOCK_SELECTORS:
             self._block_update(p, g, state, group, inner, t)
         elif group["projector"] in COORDINATE_SUBSETS:
-            self._coordinate_update(p, g, state, group, inner, t)
+            with sharded.plain_as_replicated(g):  # the kept indices are the same on every rank
+                self._coordinate_update(p, g, state, group, inner, t)
         else:
             self._subspace_update(p, g, state, group, inner, t)
         if wd and inner.decay_after:
