@@ -332,9 +332,10 @@ def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None,
     counts["activations_checkpointed"] = activation_bytes(config, batch // world, seq, e, checkpointing=True)
     if world > 1 and parallel == "fsdp":
         d = _dims(config)
-        layer = 2 * d["hidden"] + d["hidden"] * (d["hidden"] + 2 * d["kv_hidden"] + d["hidden"]) + 3 * d["hidden"] * d["ffn"]
-        root = 2 * d["vocab"] * d["hidden"] + d["hidden"]
-        counts["fsdp_gather"] = max(layer, root) * DTYPES[dtype][1] if dtype != "amp" else max(layer, root) * 4
+        h = d["hidden"]  # a LLaMA-style layer (2 norms, q k v o, gate up down) or the root (embedding, head, norm)
+        layer = 2 * h + h * (2 * h + 2 * d["kv_hidden"]) + 3 * h * d["ffn"]
+        root = 2 * d["vocab"] * h + h
+        counts["fsdp_gather"] = max(layer, root) * (4 if dtype == "amp" else DTYPES[dtype][1])
     result = Plan(model, method, built.describe(), batch, seq, dtype, checkpointing, trainable, total, counts,
                   budget_bytes, quantize=quantize, world=world, parallel=parallel)
     if budget_bytes is not None and "rank" in methods_mod.info(method).options():
@@ -348,7 +349,8 @@ def _largest_rank(base: Plan, config, options: dict[str, Any]) -> int | None:
     Weights, gradients and state are affine in the rank for every built-in method, so two plans give a candidate,
     checked exactly (it fits, the next rank does not); if the check fails, bisection (memory grows with rank).
     """
-    static = base.bytes["activations_checkpointed" if base.checkpointing else "activations"] + base.bytes.get("fsdp_gather", 0)
+    static = (base.bytes["activations_checkpointed" if base.checkpointing else "activations"]
+              + base.bytes.get("fsdp_gather", 0))
     cache: dict[int, int | None] = {}
 
     def need(r: int) -> int | None:
