@@ -114,6 +114,22 @@ def wrap(model: nn.Module, d: Dist | None) -> nn.Module:
     return model
 
 
+def reshard_model(model: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back on ``model`` after a forward without backward (evaluation).
+
+    The root FSDP unit keeps its parameters unsharded after forward (it expects the backward next); after a no-grad
+    forward nothing reshards them, so ``model.parameters()`` then yields the *unsharded* tensors of the embedding,
+    final norm and LM head, not the sharded ones that receive the gradients and that the optimizer holds. A
+    gradient-norm list built then misses those three gradients (measured: norm 4.48 instead of 5.17 at step 1 of the
+    tiny model, clipping left them unscaled) — the cause of both the FSDP / single-process loss gap and the resume
+    difference (a resumed run skips the initial evaluation, so its list was complete). A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def scalar(t: torch.Tensor, d: Dist | None) -> float:
     """A (possibly DTensor) scalar as a float, e.g. the norm returned by ``clip_grad_norm_`` under FSDP."""
     if d is None:
@@ -124,16 +140,22 @@ def scalar(t: torch.Tensor, d: Dist | None) -> float:
 
 
 def reshard_state(optimizer: torch.optim.Optimizer, d: Dist | None) -> None:
-    """Under FSDP, turn every replicated optimizer-state DTensor into a dim-0 shard (no communication)."""
+    """Under FSDP, turn every replicated optimizer-state DTensor into a dim-0 shard (no communication): what the
+    all-gather design (``side="auto"``) computes comes back replicated. Groups with ``side="shard"`` are skipped:
+    their basis is meant to be replicated and their moments are already sharded."""
     if d is None or d.mode != "fsdp":
         return
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if (isinstance(value, DTensor) and value.ndim >= 1
-                    and all(isinstance(p, Replicate) for p in value.placements)):
-                state[key] = value.redistribute(value.device_mesh, [Shard(0)])
+    for group in optimizer.param_groups:
+        if group.get("side") == "shard":  # placed by the optimizer itself (rankwise.optim.sharded): kept as is
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if (isinstance(value, DTensor) and value.ndim >= 1
+                        and all(isinstance(x, Replicate) for x in value.placements)):
+                    state[key] = value.redistribute(value.device_mesh, [Shard(0)])
 
 
 def local_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -100,6 +100,48 @@ def breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, state_bytes: i
     }
 
 
+def _rows(n: int, world: int, rank: int) -> int:
+    """Rows of ``n`` that rank ``rank`` holds under FSDP2 / DTensor ``Shard`` (``torch.chunk``: ceil(n / world) per
+    rank, the last ones fewer or none)."""
+    size = -(-n // world)
+    return max(0, min(size, n - rank * size))
+
+
+def _local_bytes(t: torch.Tensor, dim: int, world: int, rank: int) -> int:
+    if t.dim() == 0 or t.shape[dim] == 0:
+        return t.numel() * t.element_size()
+    return t.numel() // t.shape[dim] * _rows(t.shape[dim], world, rank) * t.element_size()
+
+
+def fsdp_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, world: int, rank: int = 0) -> dict[str, int]:
+    """``breakdown`` for one rank of FSDP2 (every parameter ``Shard(0)`` over ``world`` ranks; rank 0 holds the most).
+
+    Weights and gradients: the rank's rows of each. Optimizer state, tensor by tensor, as it is placed
+    (``rankwise.optim.sharded``): scalars and integer indices whole on every rank; with ``side="shard"`` the basis
+    (n x r) whole (replicated) and the low-rank moments (r x m) by their columns (the weight's rows); everything
+    else by rows, like the weights (``distributed.reshard_state``). The optimizer must have taken its step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    nbytes = [_local_bytes(p, 0, world, rank) for p in trainable]
+    state = 0
+    for group in optimizer.param_groups:
+        shard = group.get("side") == "shard"
+        for p in group["params"]:
+            for key, v in optimizer.state.get(p, {}).items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if v.dim() == 0 or not v.is_floating_point() or (shard and key == "basis"):
+                    state += v.numel() * v.element_size()
+                elif shard and p.dim() == 2 and v.dim() == 2 and v.shape[1] == p.shape[0] != v.shape[0]:
+                    state += _local_bytes(v, 1, world, rank)
+                else:
+                    state += _local_bytes(v, 0, world, rank)
+    frozen = sum(_local_bytes(p, 0, world, rank) for p in model.parameters() if not p.requires_grad)
+    layerwise = getattr(optimizer, "layerwise", False)
+    return {"weights_trainable": sum(nbytes), "weights_frozen": frozen + sum(b.numel() * b.element_size()
+                                                                                for b in model.buffers()),
+            "gradients": max(nbytes, default=0) if layerwise else sum(nbytes), "optimizer_state": state}
+
+
 def held_gradient_bytes(model: nn.Module) -> int:
     """Bytes of the gradients a real model holds now (measure right after ``backward``, before the step)."""
     return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
@@ -163,12 +205,15 @@ class Plan:
     largest_rank: int | None = None
     notes: list[str] = field(default_factory=list)
     quantize: str | None = None
+    world: int = 1  # > 1: the bytes are those of one rank (rank 0) of ``world`` processes under ``parallel``
+    parallel: str = "ddp"
 
     @property
     def total(self) -> int:
         b = self.bytes
         act = b["activations_checkpointed"] if self.checkpointing else b["activations"]
-        return b["weights_trainable"] + b["weights_frozen"] + b["gradients"] + b["optimizer_state"] + act
+        return (b["weights_trainable"] + b["weights_frozen"] + b["gradients"] + b["optimizer_state"] + act
+                + b.get("fsdp_gather", 0))
 
     @property
     def fits(self) -> bool | None:
@@ -184,11 +229,13 @@ class Plan:
                 ("optimizer state", self.bytes["optimizer_state"]),
                 ("activations" + (" (checkpointed)" if self.checkpointing else ""),
                  self.bytes["activations_checkpointed" if self.checkpointing else "activations"]),
+                *([("FSDP unit all-gathered", self.bytes["fsdp_gather"])] if "fsdp_gather" in self.bytes else []),
                 ("total", self.total)]
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         base = f", {self.quantize} base" if self.quantize else ""
         lines = [f"{self.method}{f' ({opts})' if opts else ''} on {self.model}{base}: batch {self.batch} x seq "
-                 f"{self.seq}, {self.dtype}, {self.trainable_params:,} of {self.total_params:,} params trainable",
+                 f"{self.seq}, {self.dtype}, {self.trainable_params:,} of {self.total_params:,} params trainable"
+                 + (f"; per rank of {self.world} ({self.parallel})" if self.world > 1 else ""),
                  f"{'':28}{'GiB':>10}{'bytes':>18}"]
         lines += [f"{name:28}{n / GIB:10.3f}{n:18,}" for name, n in rows]
         other = "activations_checkpointed" if not self.checkpointing else "activations"
@@ -223,7 +270,8 @@ def _state_bytes(method: Method, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def _plan_weights(config, method_name: str, options: dict[str, Any], dtype: str,
-                  quantize: str | None = None) -> tuple[dict[str, int], int, int, Method]:
+                  quantize: str | None = None, world: int = 1,
+                  parallel: str = "ddp") -> tuple[dict[str, int], int, int, Method]:
     method = methods_mod.get(method_name, **options)
     model = _meta_model(config, DTYPES[dtype][0])
     if method.calibration_batches:  # gradient-based inits see meta batches: only their shapes matter
@@ -236,20 +284,26 @@ def _plan_weights(config, method_name: str, options: dict[str, Any], dtype: str,
         model = quantize_method_base(model, method, quantize)
     optimizer = method.build_optimizer(model, OptimConfig())
     counts = breakdown(model, optimizer, _state_bytes(method, model, optimizer))
+    if world > 1 and parallel == "fsdp":
+        counts = fsdp_breakdown(model, optimizer, world)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return counts, trainable, sum(p.numel() for p in model.parameters()), method
 
 
 def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None, batch: int = 1, seq: int = 2048,
          dtype: str = "bf16", budget: str | int | None = None, checkpointing: bool = False,
-         options: dict[str, Any] | None = None, vocab_size: int | None = None, quantize: str | None = None) -> Plan:
+         options: dict[str, Any] | None = None, vocab_size: int | None = None, quantize: str | None = None,
+         world: int = 1, parallel: str = "ddp") -> Plan:
     """Plan the memory of training ``model`` (a preset or a transformers config path) with ``method``.
 
     ``dtype``: ``bf16`` (weights, gradients, state and activations in bf16, as in GaLore's 7B setting), ``fp32``, or
     ``amp`` (fp32 weights, bf16 autocast activations: ``rankwise train --dtype bf16``). ``budget``: bytes or a string
     like ``24GB``; then ``fits`` answers and, for methods with a ``rank`` option, ``largest_rank`` is the largest rank
     whose plan fits (bisection: memory grows with rank). ``quantize``: ``nf4`` / ``int8`` frozen base (adapter
-    methods; ``rankwise train --quantize``), counted in its real quantized bytes.
+    methods; ``rankwise train --quantize``), counted in its real quantized bytes. ``world`` > 1: bytes of one rank
+    (rank 0, the largest) of ``world`` processes; ``batch`` is the global batch, each rank runs ``batch / world``;
+    ``parallel="ddp"`` replicates weights, gradients and state, ``"fsdp"`` shards them (``fsdp_breakdown``) and adds
+    ``fsdp_gather``: one FSDP unit's full parameters (the largest), all-gathered for its forward / backward.
     """
     if dtype not in DTYPES:
         raise RankwiseError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -262,15 +316,28 @@ def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None,
     if positions is not None and seq > positions:
         raise RankwiseError(f"seq {seq} is longer than the model's {positions} positions; use --seq {positions} "
                             "or less")
+    if parallel not in ("ddp", "fsdp"):
+        raise RankwiseError(f"unknown parallel mode {parallel!r}; valid: ddp, fsdp")
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise RankwiseError(f"world must be a positive integer (the number of processes), got {world!r}")
+    if batch % world:
+        raise RankwiseError(f"batch {batch} is not divisible by the world size {world}: every rank takes batch / "
+                            f"world sequences; use a batch that is a multiple of {world}")
     options = dict(options or {})
     if rank is not None:
         options["rank"] = rank
-    counts, trainable, total, built = _plan_weights(config, method, options, dtype, quantize)
+    counts, trainable, total, built = _plan_weights(config, method, options, dtype, quantize, world, parallel)
     e = DTYPES[dtype][1]
-    counts["activations"] = activation_bytes(config, batch, seq, e)
-    counts["activations_checkpointed"] = activation_bytes(config, batch, seq, e, checkpointing=True)
+    counts["activations"] = activation_bytes(config, batch // world, seq, e)
+    counts["activations_checkpointed"] = activation_bytes(config, batch // world, seq, e, checkpointing=True)
+    if world > 1 and parallel == "fsdp":
+        d = _dims(config)
+        h = d["hidden"]  # a LLaMA-style layer (2 norms, q k v o, gate up down) or the root (embedding, head, norm)
+        layer = 2 * h + h * (2 * h + 2 * d["kv_hidden"]) + 3 * h * d["ffn"]
+        root = 2 * d["vocab"] * h + h
+        counts["fsdp_gather"] = max(layer, root) * (4 if dtype == "amp" else DTYPES[dtype][1])
     result = Plan(model, method, built.describe(), batch, seq, dtype, checkpointing, trainable, total, counts,
-                  budget_bytes, quantize=quantize)
+                  budget_bytes, quantize=quantize, world=world, parallel=parallel)
     if budget_bytes is not None and "rank" in methods_mod.info(method).options():
         result.largest_rank = _largest_rank(result, config, options)
         if result.largest_rank is None:
@@ -314,13 +381,15 @@ def _largest_rank(base: Plan, config, options: dict[str, Any]) -> int | None:
     Weights, gradients and state are affine in the rank for every built-in method, so two plans give a candidate,
     checked exactly (it fits, the next rank does not); if the check fails, bisection (memory grows with rank).
     """
-    static = base.bytes["activations_checkpointed" if base.checkpointing else "activations"]
+    static = (base.bytes["activations_checkpointed" if base.checkpointing else "activations"]
+              + base.bytes.get("fsdp_gather", 0))
     cache: dict[int, int | None] = {}
 
     def need(r: int) -> int | None:
         if r not in cache:
             try:
-                counts, _, _, _ = _plan_weights(config, base.method, {**options, "rank": r}, base.dtype, base.quantize)
+                counts, _, _, _ = _plan_weights(config, base.method, {**options, "rank": r}, base.dtype, base.quantize,
+                                               base.world, base.parallel)
                 cache[r] = static + sum(counts.values())
             except RankwiseError:  # rank invalid for some matrix (larger than min(m, n))
                 cache[r] = None

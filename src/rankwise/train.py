@@ -289,6 +289,7 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
             total += lm_loss(model, batch).item() * n
             count += n
     model.train(was_training)
+    distributed.reshard_model(model)
     return total / count
 
 
@@ -676,6 +677,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                         if committed is not None:
                             committed = None
                             guard.enter()
+                        optimizer.accumulating = micro < cfg.grad_accum - 1  # update on the last micro-batch only
                     (total_loss / cfg.grad_accum).backward()
                     loss_sum += loss.item()
                 loss_sum = distributed.mean(loss_sum, dist)

@@ -14,8 +14,8 @@ BASE = dict(preset="tiny", steps=4, batch_size=4, seq_len=32, lr=3e-3, warmup_st
 # moments reset at the refresh: the update is then invariant to the signs of the SVD's singular vectors, which flip
 # with reduction-order rounding (LAPACK's float32 signs are discontinuous); kept moments would turn a flipped sign
 # into a reversed momentum in that direction, a difference of the size of the step (docs/fidelity-galore-fira.md).
-# eps 1e-8 (not the preset's 1e-6): under FSDP, clip_grad_norm_ gives 4.48 where DDP gives 5.17 at step 1 (also for
-# --method full; an open FSDP bug), and near-sign-like Adam (eps << |g|) hides that gradient-scale difference
+# eps 1e-8 (not the preset's 1e-6) dates from an FSDP bug since fixed (the clipping norm missed the root unit's
+# gradients after an evaluation: distributed.reshard_model); kept so that these runs stay comparable
 GALORE = dict(method="galore", method_options={"rank": 8, "update_gap": 2, "scale": 1.0, "moments": "reset",
                                                "eps": 1e-8})
 

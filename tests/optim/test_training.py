@@ -48,6 +48,17 @@ def test_layerwise_in_the_loop(corpus):
     assert "grad_norm" not in res.history[-1]  # no gradient survives backward: clipping does not apply
 
 
+def test_layerwise_with_gradient_accumulation_updates_once_on_the_summed_gradient(corpus):
+    """galore-torch #78 updates on every micro-batch; here the hooks wait for the last one: the same weights as the
+    step() path with the same accumulation (clipping off: layer-wise mode cannot clip)."""
+    runs = [train(quick_config(method="galore", method_options={"rank": 8, "update_gap": 2, "layerwise": lw}, steps=3,
+                               batch_size=2, grad_accum=2, seq_len=32, eval_batches=1, grad_clip=0.0), corpus=corpus)
+            for lw in (False, True)]
+    assert [r["loss"] for r in runs[1].history] == pytest.approx([r["loss"] for r in runs[0].history], rel=1e-6)
+    for (name, p), q in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0), name
+
+
 def test_cli_methods_and_options(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--method", "fira", "--rank", "8", "--update-gap", "2", "--scale", "0.5", "--opt",

@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpointing", action="store_true", help="total with activation checkpointing")
     p.add_argument("--quantize", choices=["nf4", "int8"], help="adapter methods: a frozen 4-bit / int8 base "
                                                               "(`rankwise train --quantize`), counted in real bytes")
+    p.add_argument("--world", type=int, default=1, help="number of processes: bytes per rank (default 1)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="with --world: ddp (replicated) or fsdp (sharded: weights, gradients, state / world)")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="any other method option (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--compare", action="store_true", help="every method side by side (--rank where it applies)")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.target is not None and not args.compare:
         options["target"] = args.target
     common = dict(batch=args.batch, seq=args.seq, dtype=args.dtype, budget=args.budget,
-                  checkpointing=args.checkpointing, options=options, quantize=args.quantize)
+                  checkpointing=args.checkpointing, options=options, quantize=args.quantize, world=args.world,
+                  parallel=args.parallel)
     if not args.compare:
         if args.png or args.methods:
             raise RankwiseError("--png and --methods go with --compare")

@@ -70,7 +70,8 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
     """Update the ``params`` of ``group`` (each with a gradient) that the batched path covers; return the others,
     untouched, for the per-param path."""
     inner, residual = make_inner(group["inner"]), make_residual(group["residual"])
-    if type(inner) not in BATCHED_INNER or type(residual) not in BATCHED_RESIDUAL or group.get("state_bits"):
+    if (type(inner) not in BATCHED_INNER or type(residual) not in BATCHED_RESIDUAL or group.get("state_bits")
+            or group.get("side", "auto") != "auto"):  # side="shard" (FSDP2's local projection): the per-param path
         return params
     proj = PROJECTORS.get(group["projector"])
     known = {"updates", "step", *inner.moments, "basis", "seed", *residual.state_keys}

@@ -44,7 +44,8 @@ class SplitMethod(Method):
 @register("galore", "optim", "GaLore: AdamW in the top-r SVD subspace of each gradient, residual dropped")
 def galore(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
            moments: str = "keep", inner: str = "adamw_hf", eps: float | None = None, layerwise: bool = False,
-           include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None, stagger: bool = False) -> Method:
+           include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None, stagger: bool = False,
+           side: str = "auto") -> Method:
     """galore-torch 1.0's GaLoreAdamW; ``projector="rsvd"``, ``moments="rotate"``, ``inner="adamw"`` are rankwise's
     options beyond it (docs/fidelity-galore-fira.md)."""
     return SplitMethod("galore", **locals())
@@ -69,7 +70,7 @@ def adamw_8bit(state_bits: int = 8, eps: float | None = None, layerwise: bool = 
 def fira(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
          moments: str = "keep", inner: str = "adamw_hf", residual: str = "fira", eps: float | None = None,
          layerwise: bool = False, include_embeddings: bool = False, seed: int = 0,
-         state_bits: int | None = None, stagger: bool = False) -> Method:
+         state_bits: int | None = None, stagger: bool = False, side: str = "auto") -> Method:
     """fira 1.0.2's FiraAdamW; ``residual="fira_exact"`` (residual G - P P^T G) and GaLore's options beyond it."""
     return SplitMethod("fira", **locals())
 
@@ -96,7 +97,8 @@ def apollo_mini(rank: int = 1, update_gap: int = 200, scale: float = 128.0, proj
 def frugal(projector: str = "block", density: float | None = 0.25, rank: int | None = None, update_gap: int = 200,
            block_order: str = "sample", residual: str = "signsgd", proj_params_lr_scale: float = 1.0,
            inactive_lr_scale: float = 1.0, moments: str = "reset", layerwise: bool = False,
-           include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None, stagger: bool = False) -> Method:
+           include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None, stagger: bool = False,
+           side: str = "auto") -> Method:
     """FRUGAL's options by their names there: ``projector`` block (``--optimizer frugal`` = ``block_adamw``), svd /
     random / coordinates (``galore_adamw`` with proj_type svd / random / randperm) or columns / rows / randk
     (``coord_adamw``, the fine-tuning ``frugal``); ``residual`` = ``inactive_update_rule`` (signsgd, sgd, drop);
@@ -107,7 +109,8 @@ def frugal(projector: str = "block", density: float | None = 0.25, rank: int | N
     options = dict(projector=projector, density=density, update_gap=update_gap, block_order=block_order,
                    residual=residual, scale=proj_params_lr_scale,
                    residual_lr_scale=proj_params_lr_scale * inactive_lr_scale, moments=moments, layerwise=layerwise,
-                   include_embeddings=include_embeddings, seed=seed, state_bits=state_bits, stagger=stagger)
+                   include_embeddings=include_embeddings, seed=seed, state_bits=state_bits, stagger=stagger,
+                   side=side)
     if projector not in ("block", "layers"):
         options["blocks"] = "linears"
     return SplitMethod("frugal", **options, **({} if rank is None else {"rank": rank}))

@@ -31,8 +31,11 @@ between steps, fp32 during the step (``lowbit``: 8-bit Adam's dynamic-map quanti
 Every option is also a param-group key, so groups can differ (e.g. embeddings plain, attention projected). ``lr``
 stays in ``param_groups`` for LR schedulers. ``layerwise=True`` runs each parameter's update inside a
 post-accumulate-grad hook and frees its gradient right away (GaLore's per-layer weight update, arXiv 2403.03507
-Sec. 4.3), so the full set of gradients is never alive at once; ``step()`` is then a no-op, gradient clipping has no
-effect (no gradient survives backward), and gradient accumulation is not supported (each backward updates).
+Sec. 4.3), so the full set of gradients is never alive at once; ``step()`` is then a no-op and gradient clipping has no
+effect (no gradient survives backward). Gradient accumulation: while ``accumulating`` is True (the training loop sets
+it for every micro-batch but the last) the hooks leave the gradients to accumulate, so the update runs once, on the
+summed gradient (galore-torch #78 updates on every micro-batch). Under FSDP2 the hooks fire on the *sharded* parameter
+right after its reduce-scatter (``fully_shard`` calls post-accumulate-grad hooks there).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from ..errors import RankwiseError
 from .batched import batched_step
 from . import lowbit
 from .blocks import BLOCK_SELECTORS, ORDERS, make_selector
-from .projectors import COORDINATE_SUBSETS, PROJECTORS, Projector, canonical, make_projector
+from . import sharded
+from .projectors import COORDINATE_SUBSETS, PROJECTORS, SIDES, Projector, make_projector, orient
 from .projectors import mix as _mix
 from .rules import INNER_RULES, RESIDUAL_RULES, InnerRule, make_inner, make_residual
 
@@ -89,6 +93,9 @@ class SplitOptimizer(torch.optim.Optimizer):
             the ids the selector chooses from (default: those of the group; groups sharing them share the choice).
         state_bits: None (moments in the param's dtype), 8 or 4: moments of >= 4096 entries stored block-wise
             quantized (``lowbit``; 8: bitsandbytes, 4: torchao), smaller ones in fp32.
+        side: ``auto`` (the basis spans the smaller side, GaLore's rule) or ``shard`` (always the right side, n x r:
+            a weight sharded by rows under FSDP2 then projects, keeps its moments and back-projects locally;
+            ``rsvd`` refreshes by a distributed range finder; see ``rankwise.optim.sharded``).
         layerwise: update in post-accumulate-grad hooks (see module docstring).
     """
 
@@ -102,7 +109,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                  residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
                  block_order: str = "ascending", active_blocks: int = 1, block_phase: int = 0, seed: int = 0,
                  project: bool = True, state_bits: int | None = None, stagger: bool = False,
-                 layerwise: bool = False):
+                 layerwise: bool = False, side: str = "auto"):
         self._index: dict[nn.Parameter, int] = {}
         self._block: dict[nn.Parameter, int] = {}
         self._slot: dict[nn.Parameter, tuple[int, int]] = {}  # (j, n): j-th of the group's n refreshed matrices
@@ -113,9 +120,10 @@ class SplitOptimizer(torch.optim.Optimizer):
                         momentum=momentum, nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
                         power_iters=power_iters, oversample=oversample, block_order=block_order,
                         active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project,
-                        state_bits=state_bits, stagger=stagger)
+                        state_bits=state_bits, stagger=stagger, side=side)
         super().__init__(params, defaults)
         self.layerwise = layerwise
+        self.accumulating = False  # layer-wise: True on micro-batches whose gradients must accumulate (no update)
         self._hooks = []
         if layerwise:
             for group in self.param_groups:
@@ -146,6 +154,12 @@ class SplitOptimizer(torch.optim.Optimizer):
                                         "parameter in a param group with project=False")
             if self._projected(p, group) and group["projector"] in COORDINATE_SUBSETS:
                 sub = COORDINATE_SUBSETS[group["projector"]]
+                if sub.dim != 1 and sharded.is_dtensor(p):
+                    raise RankwiseError(f"projector {group['projector']!r} cannot run on FSDP-sharded parameters "
+                                        f"({name or 'param #' + str(self._index[p])}): its kept {sub.unit} are "
+                                        "indexed across the rows FSDP splits over the ranks; use projector "
+                                        "'columns' (FRUGAL's default coordinate mode), a subspace projector with "
+                                        "side='shard', or --parallel ddp")
                 k, length = sub.count(p.shape, group["rank"], group["density"]), sub.length(p.shape)
                 if not 1 <= k <= length:
                     label = name or f"param #{self._index[p]}"
@@ -177,6 +191,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         choice("moments", MOMENT_POLICIES)
         choice("block_order", ORDERS)
         lowbit.check(group["state_bits"])
+        choice("side", SIDES)
         for key in ("update_gap", "active_blocks", "power_iters"):
             if not isinstance(group[key], int) or group[key] < 1:
                 raise RankwiseError(f"{key} must be a positive integer, got {group[key]!r}")
@@ -221,16 +236,15 @@ class SplitOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One update of every parameter with a gradient (a no-op in layer-wise mode: the hooks did it)."""
+        """One update of every parameter with a gradient (in layer-wise mode the hooks did it: none is left)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.layerwise:
-            return loss
-        for group in self.param_groups:
+        for group in self.param_groups:  # layer-wise: the hooks have consumed the gradients (only DCP's state-init
+            # step, which sets zero gradients outside backward, finds some)
             params = [p for p in group["params"] if p.grad is not None]
-            for p in batched_step(self, group, params) if self.batched else params:
+            for p in batched_step(self, group, params) if self.batched and not self.layerwise else params:
                 self._update(p, group)
         return loss
 
@@ -248,6 +262,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         self._selection = {}
 
     def _hook(self, p: torch.Tensor) -> None:
+        if self.accumulating:
+            return
         with torch.no_grad():
             self._update(p, self._group_of[p])
         p.grad = None
@@ -281,7 +297,8 @@ class SplitOptimizer(torch.optim.Optimizer):
         elif group["projector"] in BLOCK_SELECTORS:
             self._block_update(p, g, state, group, inner, t)
         elif group["projector"] in COORDINATE_SUBSETS:
-            self._coordinate_update(p, g, state, group, inner, t)
+            with sharded.plain_as_replicated(g):  # the kept indices are the same on every rank
+                self._coordinate_update(p, g, state, group, inner, t)
         else:
             self._subspace_update(p, g, state, group, inner, t)
         if wd and inner.decay_after:
@@ -382,14 +399,26 @@ class SplitOptimizer(torch.optim.Optimizer):
         proj: Projector = make_projector(group["projector"], self._rank(p, group), **(
             {"power_iters": group["power_iters"], "oversample": group["oversample"]}
             if group["projector"] == "rsvd" else {}))
-        gt = canonical(g)
+        side = group["side"]
+        gt = orient(g, side)
         d = gt.shape[0]
         refresh, period = self._schedule(p, group, t)
         old = None
         if refresh:
             if group["moments"] == "rotate" and "step" in state:
                 old = proj.dense(proj.handle(state, gt), d)
-            proj.refresh(p.grad, state, proj.seed(state, group["seed"], self._index[p], period))
+            seed = proj.seed(state, group["seed"], self._index[p], period)
+            if side == "shard" and group["projector"] == "rsvd":  # no gather: one n x k all-reduce per iteration
+                sharded.refresh_rsvd(orient(p.grad, side), state, self._rank(p, group), group["oversample"],
+                                     group["power_iters"], seed)
+            else:
+                with sharded.plain_as_replicated(gt):
+                    proj.refresh(p.grad, state, seed, side)
+        with sharded.plain_as_replicated(gt):
+            self._project_and_apply(p, gt, state, group, inner, proj, d, refresh, old)
+
+    def _project_and_apply(self, p: torch.Tensor, gt: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                           inner: InnerRule, proj: Projector, d: int, refresh: bool, old: torch.Tensor | None) -> None:
         h = proj.handle(state, gt)
         low = proj.down(gt, h)
         if "step" not in state:
@@ -399,7 +428,7 @@ class SplitOptimizer(torch.optim.Optimizer):
         elif old is not None:
             inner.rotate(state, proj.dense(h, d).t() @ old)
         u = inner.direction(low, state, group)
-        pt = canonical(p)
+        pt = orient(p, group["side"])
         lr, rls = group["lr"], group["residual_lr_scale"]
         residual = make_residual(group["residual"])
         c = None
@@ -457,6 +486,8 @@ class SplitOptimizer(torch.optim.Optimizer):
                     total += 8 * kept + k * lowbit.moment_bytes(sub.shape(p.shape, kept), s, bits) + 4
                 else:
                     d, big, r = min(p.shape), max(p.shape), self._rank(p, group)
+                    if group["side"] == "shard":  # the right basis (n x r), moments r x m
+                        d, big = p.shape[1], p.shape[0]
                     basis = {"svd": d * r * s, "rsvd": d * r * s, "random": 0, "gaussian": 0, "coordinates": 8 * r}
                     low = (big, r) if p.shape[0] >= p.shape[1] else (r, big)  # the param's orientation
                     total += basis[group["projector"]] + k * lowbit.moment_bytes(low, s, bits) + 4

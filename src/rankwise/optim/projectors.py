@@ -57,6 +57,17 @@ def mix(*xs: int) -> int:
     return h
 
 
+# which side of an (m, n) gradient the basis spans: ``auto`` the smaller one (GaLore's rule, ``canonical``);
+# ``shard`` always the right one (n x r), so that a weight sharded by rows (FSDP2's Shard(0)) projects locally:
+# G_i Q is (m/p, r) on rank i, and the moments and the back-projection stay local (``rankwise.optim.sharded``)
+SIDES = ("auto", "shard")
+
+
+def orient(g: torch.Tensor, side: str = "auto") -> torch.Tensor:
+    """``g`` as (d, D) with the basis side first: ``canonical(g)`` for ``auto``, ``g.t()`` for ``shard``."""
+    return g.t() if side == "shard" else canonical(g)
+
+
 class Projector:
     """Base class. ``refresh`` picks a new basis at a refresh (into the param's state); ``handle`` gives, once per
     step, what ``down``/``up``/``residual`` need (the dense basis, or the kept indices)."""
@@ -72,10 +83,10 @@ class Projector:
         pure function of the three, so resuming is exact."""
         return mix(base, index, period)
 
-    def refresh(self, g: torch.Tensor, state: State, seed: int) -> None:
+    def refresh(self, g: torch.Tensor, state: State, seed: int, side: str = "auto") -> None:
         """Choose the basis for the coming period from the gradient ``g`` (m, n) in its own orientation (what the
-        optimizer calls; by default ``fit`` on ``canonical(g)``)."""
-        self.fit(canonical(g), state, seed)
+        optimizer calls; by default ``fit`` on ``orient(g, side)``)."""
+        self.fit(orient(g, side), state, seed)
 
     def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
         """Choose the basis for the coming period from the canonical gradient ``gt`` (d, D)."""
@@ -117,9 +128,9 @@ class SVD(Projector):
 
     name = "svd"
 
-    def refresh(self, g: torch.Tensor, state: State, seed: int) -> None:
+    def refresh(self, g: torch.Tensor, state: State, seed: int, side: str = "auto") -> None:
         u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
-        right = g.shape[0] >= g.shape[1]  # the side ``canonical`` puts first
+        right = side == "shard" or g.shape[0] >= g.shape[1]  # the side ``orient`` puts first
         basis = vh[: self.rank].t() if right else u[:, : self.rank]
         state["basis"] = basis.to(g.dtype).contiguous()
 
@@ -234,9 +245,9 @@ class Gaussian(Projector):
     def seed(self, state: State, base: int, index: int, period: int) -> int:
         return next_seed(state["seed"]) if "seed" in state else base + index + 1
 
-    def refresh(self, g: torch.Tensor, state: State, seed: int) -> None:
+    def refresh(self, g: torch.Tensor, state: State, seed: int, side: str = "auto") -> None:
         state["seed"] = seed
-        state["right"] = g.shape[0] >= g.shape[1]
+        state["right"] = side == "shard" or g.shape[0] >= g.shape[1]
 
     def fit(self, gt: torch.Tensor, state: State, seed: int) -> None:
         state["seed"], state["right"] = seed, False

@@ -1,0 +1,153 @@
+"""GaLore under FSDP2 on CPU (gloo): today's all-gather design (``side=auto``) vs shard-local (``side=shard``).
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/fsdp_comm.py --world 2 4 --layers 2 --steps 3
+
+Per design, per rank, side by side in one launch per world size:
+- bytes communicated per step, counted by wrapping the collectives (``rankwise.commcount.CommCounter``): FSDP2's own
+  (forward + backward: parameter all-gathers, gradient reduce-scatters) and the optimizer's, on a step without
+  refresh and on a refresh step;
+- optimizer state per rank (exact, local shards) and / single-process state;
+- peak RSS growth of the optimizer step (CPU, approximate: sampled every 5 ms);
+- step time (optimizer only, median), as a ratio to ``torch.optim.AdamW`` (foreach) stepping the same sharded model.
+
+Model: the ``small`` preset's shapes (hidden 512, FFN 1376: every projected matrix >= 512 x 512), ``--layers``
+decoder layers, vocab 2048. The machine this was written on was loaded: times are provisional, re-measure with
+the command above on an idle machine. Bytes and state are exact whatever the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from rankwise.commcount import CommCounter  # noqa: E402
+from rankwise.distributed import Dist, free_port, local_state_bytes, reshard_state  # noqa: E402
+from rankwise.metrics import PeakMemory, optimizer_state_bytes  # noqa: E402
+
+DESIGNS = {"all-gather (side=auto, svd)": dict(side="auto", projector="svd"),
+           "shard-local (side=shard, svd)": dict(side="shard", projector="svd"),
+           "shard-local (side=shard, rsvd)": dict(side="shard", projector="rsvd")}
+
+
+def _model(layers: int):
+    from rankwise.models import build_model
+
+    return build_model("small", vocab_size=2048, seed=0, num_hidden_layers=layers)
+
+
+def _shard(model, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _loss(model, batch):
+    logits = model(input_ids=batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+
+
+def _measure(make_opt, args, rank: int, world: int) -> dict:
+    model = _shard(_model(args.layers), world)
+    opt = make_opt(model)
+    d = Dist(rank, world, "fsdp", torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for step in range(args.steps):
+        batch = torch.randint(0, 2048, (args.batch, args.seq + 1), generator=g).chunk(world)[rank]
+        with CommCounter() as fsdp_comm:
+            _loss(model, batch).backward()
+        dist.barrier()
+        with PeakMemory(torch.device("cpu")) as peak, CommCounter() as opt_comm:
+            t0 = time.perf_counter()
+            opt.step()
+            reshard_state(opt, d)
+            dt = time.perf_counter() - t0
+        opt.zero_grad(set_to_none=True)
+        rows.append({"fsdp_bytes": fsdp_comm.bytes, "opt_bytes": opt_comm.bytes, "opt_counts": dict(opt_comm.counts),
+                     "time": dt, "peak": peak.peak})
+    return {"refresh": rows[0], "steady": rows[1:], "state_local": local_state_bytes(opt),
+            "state_global": optimizer_state_bytes(opt)}
+
+
+def worker(rank: int, world: int, port: int, args, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from rankwise.optim import build
+
+    out = {"AdamW (torch, foreach)": _measure(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
+                                              args, rank, world)}
+    for name, opts in DESIGNS.items():
+        out[name] = _measure(lambda m: build("galore", m, rank=args.rank, update_gap=200, lr=1e-3, **opts),
+                             args, rank, world)
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(out, f)
+    dist.destroy_process_group()
+
+
+def single_state(args) -> dict:
+    from rankwise.optim import build
+
+    model = _model(args.layers)
+    res = {}
+    for name, opts in DESIGNS.items():
+        opt = build("galore", model, rank=args.rank, update_gap=200, lr=1e-3, **opts)
+        res[name] = opt.expected_state_bytes()
+    res["AdamW (torch, foreach)"] = 2 * 4 * sum(p.numel() for p in model.parameters()) + 4 * sum(
+        1 for _ in model.parameters())
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3, help="the first refreshes, the others do not")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--json", help="write the raw numbers here")
+    args = ap.parse_args()
+    single = single_state(args)
+    report = {}
+    for world in args.world:
+        path = f"/tmp/rankwise_fsdp_comm_{os.getpid()}_{world}.json"
+        mp.spawn(worker, args=(world, free_port(), args, path), nprocs=world)
+        with open(path) as f:
+            report[world] = json.load(f)
+        os.remove(path)
+        base = statistics.median(r["time"] for r in report[world]["AdamW (torch, foreach)"]["steady"])
+        print(f"\nworld {world} (per rank 0; MiB = 2^20 bytes)")
+        print("| design | FSDP bytes/step | optimizer bytes/step | optimizer bytes at refresh | state/rank | "
+              "state/rank x world / single | step peak RSS | step time / AdamW |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in report[world].items():
+            steady = r["steady"]
+            opt_bytes = statistics.median(s["opt_bytes"] for s in steady)
+            t = statistics.median(s["time"] for s in steady)
+            peak = max(s["peak"] for s in steady)
+            print(f"| {name} | {steady[0]['fsdp_bytes'] / 2**20:.2f} MiB | {opt_bytes / 2**20:.3f} MiB | "
+                  f"{r['refresh']['opt_bytes'] / 2**20:.2f} MiB | {r['state_local'] / 2**20:.2f} MiB | "
+                  f"{r['state_local'] * world / single[name]:.3f} | {peak / 2**20:.1f} MiB | {t / base:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
