@@ -10,7 +10,7 @@ import pytest
 
 from rankwise import methods
 from rankwise.bench import BenchConfig, planned_bytes, run_bench
-from rankwise.bench.presets import PRESETS
+from rankwise.bench.presets import PRESETS, TINY_FRONTIER
 from rankwise.bench.runner import resolve, select_by_budget, train_config
 from rankwise.cli.main import main
 from rankwise.errors import RankwiseError
@@ -74,7 +74,8 @@ def test_budget_keeps_only_methods_that_fit_the_planner():
 
 def test_resolve_applies_rank_and_steps_and_validates():
     preset, entries = resolve(BenchConfig(steps=30, rank=8))
-    assert [e.label for e in entries] == list(PRESETS["tiny"].methods)  # the preset's, in its order
+    assert [e.label for e in entries] == list(PRESETS["tiny"].default_methods)  # the preset's core, in its order
+    assert set(PRESETS["tiny"].default_methods) | set(TINY_FRONTIER) == set(PRESETS["tiny"].methods)
     assert [e.label for e in entries][:2] == ["full", "galore"]
     assert preset.steps == 30 and preset.warmup_steps == 3  # the preset's 10% warmup
     assert entries[0].spec.options == {} and all(e.spec.options["rank"] == 8 for e in entries[1:])

@@ -45,7 +45,7 @@ class BenchPreset:
     seq_len: int
     lr: float
     warmup_steps: int
-    methods: dict[str, MethodSpec]
+    methods: dict[str, MethodSpec]  # every entry the preset defines (tuned lrs, options), runnable by --methods
     grad_accum: int = 1
     dtype: str = "bf16"
     eval_every: int = 50
@@ -59,6 +59,10 @@ class BenchPreset:
     tune_rungs: tuple[float, ...] = (0.25, 1.0)  # successive halving: fractions of the schedule, last = full
     tune_eta: int = 3  # each rung keeps the best ceil(n / eta)
     description: str = ""
+    default_methods: tuple[str, ...] = ()  # what runs without --methods (empty: every entry of ``methods``)
+
+    def defaults(self) -> list[str]:
+        return list(self.default_methods or self.methods)
 
 
 # GaLore's convention: its lr is larger than full-rank's and the projected update is scaled by 0.25; in the CPU
@@ -78,6 +82,9 @@ def _cpu_methods(rank: int, gap: int, warmup: int, steps: int = 240) -> dict[str
         "lowrank": MethodSpec("lowrank", {"rank": rank}),
         "lowrank-rr": MethodSpec("lowrank-rr", {"rank": rank, "refactor_every": gap, "reset_moments": True}),
         "relora": MethodSpec("relora", {"rank": rank, "reset_every": gap, "restart_warmup": warmup}),
+        # GaLore's Table 2 LoRA baseline (ReLoRA's code without a merge): W frozen at its init + (alpha/r) B A,
+        # embeddings, norms and head trained
+        "lora": MethodSpec("relora", {"rank": rank, "reset_every": steps + 1, "restart_warmup": 0}),
         "sltrain": MethodSpec("sltrain", {"rank": rank}),
         "sst": MethodSpec("sst", {"rank": rank, "resample_every": gap}),
         "lost": MethodSpec("lost", {"rank": rank}),
@@ -121,12 +128,20 @@ def _c4(model: str, steps: int, rank: int, micro_batch: int, tokens: str) -> Ben
                                    f"Table 2), rank {rank}; needs a GPU")
 
 
+# The README's main command (<= 15 minutes on 2 idle cores: 27 runs of ~1 min, two at a time) and the second
+# command over the same regime, tuned lrs and tokens: the memory-frontier methods with full-rank AdamW and GaLore
+# as anchors (their runs are bit-identical to the main command's)
+TINY_CORE = ("full", "galore", "fira", "frugal", "lowrank", "lowrank-rr", "relora", "lora", "sltrain")
+TINY_FRONTIER = ("full", "galore", "galore-8bit", "apollo", "apollo-mini", "sst", "lost", "switchlora")
+
 PRESETS: dict[str, BenchPreset] = {
     "tiny": BenchPreset(model="mini", steps=240, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=24,
                         methods=_cpu_methods(rank=32, gap=50, warmup=10, steps=240), eval_every=120, eval_batches=32,
-                        vocab_size=2048, seeds=3, budgets=("100%", "80%", "60%"),
+                        vocab_size=2048, seeds=3, budgets=("100%", "80%", "60%"), default_methods=TINY_CORE,
                         description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 240 steps x "
-                                    "1024 tokens, rank 32, 3 seeds, one thread per run"),
+                                    "1024 tokens, rank 32, 3 seeds, one thread per run; by default the 9 methods of "
+                                    "TINY_CORE (<= 15 min on 2 cores), the memory frontier with --methods "
+                                    "(TINY_FRONTIER)"),
     "gpu-60m": BenchPreset(model="llama-60m", steps=400, batch_size=128, seq_len=256, lr=1e-3, warmup_steps=40,
                            methods=_gpu_methods(128, gap=100, merge=200, rewarm=20, steps=400), eval_every=100,
                            eval_batches=8, data="stdlib-code", vocab_size=8192, seeds=1,

@@ -150,7 +150,7 @@ def resolve(cfg: BenchConfig) -> tuple[BenchPreset, list[Entry]]:
         preset = replace(preset, steps=cfg.steps, warmup_steps=warmup, eval_every=min(preset.eval_every, cfg.steps))
     if cfg.rank is not None and (isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank <= 0):
         raise RankwiseError(f"--rank must be a positive integer, got {cfg.rank}")
-    specs = cfg.methods or list(preset.methods)
+    specs = cfg.methods or preset.defaults()
     if not specs:
         raise RankwiseError("no method to run; name some with --methods (see `rankwise methods`)")
     entries = []

@@ -25,8 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "SMoRA, FlyLoRA fine-tuned on the multi-task mixture at equal activated rank (docs/moe.md)")
     p.add_argument("--preset", default="tiny", help="benchmark preset (default tiny; see below)")
     p.add_argument("--methods", help="comma-separated methods, each NAME or NAME:KEY=VALUE:KEY=VALUE; lr_scale=K "
-                                     "multiplies the tuned lr (default: the preset's 8: full, galore, fira, frugal, "
-                                     "lowrank, lowrank-rr, relora, sltrain)")
+                                     "multiplies the tuned lr (default: the preset's core; tiny: full, galore, fira, "
+                                     "frugal, lowrank, lowrank-rr, relora, lora, sltrain; its memory frontier: "
+                                     "full,galore,galore-8bit,apollo,apollo-mini,sst,lost,switchlora)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's; warmup keeps its fraction)")
     p.add_argument("--rank", "--r", dest="rank", type=int, help="rank of every method that has one")
     p.add_argument("--seeds", type=int, help="runs per method, seeds --seed, --seed + 1, ... (default: the preset's)")
