@@ -42,8 +42,10 @@ def make(name: str, model: torch.nn.Module, rank: int, lr: float):
     if name == "galore-torch":
         return galore_torch(model, rank, lr)
     name, _, path = name.partition("@")
-    preset, _, projector = name.partition("-")
-    kw = {} if preset in ("adamw", "badam", "lisa") else {"rank": rank}
+    from rankwise.optim.presets import PRESETS
+
+    preset, projector = (name, "") if name in PRESETS else name.rpartition("-")[::2]  # galore-random: a projector
+    kw = {} if preset in ("adamw", "adamw-8bit", "badam", "lisa") else {"rank": 1 if preset == "apollo-mini" else rank}
     if projector:
         kw["projector"] = projector
     opt = build(preset, model, lr=lr, update_gap=10**6, **kw)

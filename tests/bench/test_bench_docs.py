@@ -17,6 +17,14 @@ def test_committed_docs_equal_what_the_script_renders_from_the_committed_results
         text = (ROOT / doc).read_text()
         assert "<!-- bench:tiny:table:begin -->" in text and "<!-- bench:tiny:claims:begin -->" in text, doc
         assert docs.render(text, blocks) == text, f"{doc} drifted: run python -m rankwise.bench.docs"
+    for results in (ROOT / "docs").glob("bench_*_results.md"):  # every other committed table set, e.g. the frontier
+        name = results.name[len("bench_"):-len("_results.md")]
+        assert docs.results_path(name) == results.relative_to(ROOT)
+        named = docs.tables(results.read_text())
+        assert any(f"<!-- bench:{name}:table:begin -->" in (ROOT / doc).read_text() for doc in docs.DOCS), name
+        for doc in docs.DOCS:
+            text = (ROOT / doc).read_text()
+            assert docs.render(text, named, name) == text, f"{doc} drifted: python -m rankwise.bench.docs --name {name}"
     assert docs.main(["--check", "--root", str(ROOT)]) == 0
 
 

@@ -204,6 +204,12 @@ def test_run_lines_carry_the_eta_and_a_loaded_machine_marks_tokens_per_s(tmp_pat
     table = [line for line in md.splitlines() if line.startswith("| 1 | full |")]
     assert len(table) == 1 and table[0].count(" (loaded) |") == (load > os.cpu_count())
     assert (runner_report.LOADED_NOTE in md) == (load > os.cpu_count())
+    # the bench's own threads are not "other work": a load of exactly them (+ less than half the cores) is idle
+    own = rows[0]["bench_threads"]
+    assert own == torch.get_num_threads()  # in process: this process's threads
+    for extra, busy in ((0.4 * os.cpu_count(), False), (0.6 * os.cpu_count(), True)):
+        row = {**rows[0], "load_avg_start": own + extra, "load_avg_end": own + extra}
+        assert runner_report.loaded(row) == busy
 
 
 def test_bench_runs_log_into_their_own_folders(tmp_path):

@@ -394,9 +394,15 @@ def execute(jobs: list[Job], cfg: BenchConfig, log: Callable[[str], None]) -> li
     progress = Progress("bench", len(jobs), len(jobs) - len(todo), 1 if not cfg.isolate else jobs_of(cfg), "runs",
                         bar=log is print and sys.stdout.isatty(), plain=False, stream=sys.stdout)
     try:
-        return _execute(jobs, todo, results, cfg, log, progress)
+        rows = _execute(jobs, todo, results, cfg, log, progress)
     finally:
         progress.close()
+    import torch
+
+    own = jobs_of(cfg) * cfg.threads if cfg.isolate else torch.get_num_threads()
+    for row in rows:  # the load the bench itself puts on the machine (``report.loaded`` discounts it)
+        row.setdefault("bench_threads", own)
+    return rows
 
 
 def _execute(jobs: list[Job], todo: list[int], results: dict[int, dict[str, Any]], cfg: BenchConfig,
