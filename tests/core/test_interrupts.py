@@ -17,6 +17,15 @@ from rankwise.methods import Method
 from rankwise.train import train
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Python's own SIGINT handler for every test here: a shell that starts pytest in the background (``cmd &``)
+    hands it SIGINT ignored, and an ignored signal interrupts nothing (the run's guard rightly stays out of the way)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def sigint() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
