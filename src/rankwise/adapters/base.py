@@ -156,6 +156,19 @@ class Parameterization(nn.Module):
         """Inverse of ``export_state`` (shapes already validated by ``check_state``)."""
         raise NotImplementedError
 
+    def _import_with_bases(self, tensors: dict[str, torch.Tensor], trained: tuple[str, ...],
+                           bases: tuple[str, ...]) -> None:
+        """``import_state`` of a shared-basis method (VeRA, RandLoRA): copy the ``trained`` tensors into their
+        parameters; stored ``bases`` replace the regenerated ones (PEFT does the same), in the trained tensors'
+        device and dtype."""
+        like = getattr(self, trained[0])
+        with torch.no_grad():
+            for k in trained:
+                getattr(self, k).copy_(tensors[k])
+        for k in bases:
+            if k in tensors:
+                setattr(self, k, tensors[k].to(device=like.device, dtype=like.dtype))
+
     def file_shapes(self) -> dict[str, tuple[int, ...]]:
         """The tensor names and shapes a file must hold for this layer (``optional_keys`` may be absent)."""
         return {k: tuple(v.shape) for k, v in self.export_state().items()}

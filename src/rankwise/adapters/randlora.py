@@ -118,12 +118,7 @@ class RandLoRA(Parameterization):
                 "randlora_A": self.randlora_A, "randlora_B": self.randlora_B}
 
     def import_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.randlora_lambda.copy_(tensors["randlora_lambda"])
-            self.randlora_gamma.copy_(tensors["randlora_gamma"])
-        for k in self.shared_keys:  # stored bases replace the regenerated ones (PEFT does the same)
-            if k in tensors:
-                setattr(self, k, tensors[k].to(device=self.randlora_lambda.device, dtype=self.randlora_lambda.dtype))
+        self._import_with_bases(tensors, ("randlora_lambda", "randlora_gamma"), self.shared_keys)
 
     @classmethod
     def peft_fields(cls, adapters: dict[str, Parameterization]) -> dict[str, Any]:

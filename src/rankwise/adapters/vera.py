@@ -85,12 +85,7 @@ class VeRA(Parameterization):
                 "vera_A": self.vera_A, "vera_B": self.vera_B}
 
     def import_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.vera_lambda_b.copy_(tensors["vera_lambda_b"])
-            self.vera_lambda_d.copy_(tensors["vera_lambda_d"])
-        for k in self.model_keys:  # stored bases replace the regenerated ones (PEFT does the same)
-            if k in tensors:
-                setattr(self, k, tensors[k].to(device=self.vera_lambda_b.device, dtype=self.vera_lambda_b.dtype))
+        self._import_with_bases(tensors, ("vera_lambda_b", "vera_lambda_d"), self.model_keys)
 
     @classmethod
     def peft_fields(cls, adapters: dict[str, Parameterization]) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from .. import methods
 from ..atomic import write_json_atomic
 from ..errors import RankwiseError
@@ -301,8 +303,6 @@ def jobs_of(cfg: BenchConfig) -> int:
     """Runs at a time: ``cfg.jobs``, or by default every core busy on CPU (cores // threads) and one run on a GPU."""
     if cfg.jobs is not None:
         return cfg.jobs
-    import torch
-
     on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     threads = cfg.threads if isinstance(cfg.threads, int) and cfg.threads > 0 else 1
     return 1 if on_gpu or not cfg.isolate else max(1, (os.cpu_count() or 1) // threads)
@@ -397,8 +397,6 @@ def execute(jobs: list[Job], cfg: BenchConfig, log: Callable[[str], None]) -> li
         rows = _execute(jobs, todo, results, cfg, log, progress)
     finally:
         progress.close()
-    import torch
-
     own = jobs_of(cfg) * cfg.threads if cfg.isolate else torch.get_num_threads()
     for row in rows:  # the load the bench itself puts on the machine (``report.loaded`` discounts it)
         row.setdefault("bench_threads", own)
