@@ -119,3 +119,22 @@ def test_methods_shows_real_defaults_in_80_columns(capsys):
     assert main(["methods", "--json"]) == 0
     infos = {m["name"]: m["options"] for m in json.loads(capsys.readouterr().out)}
     assert infos["lora"]["r"] == 8 and infos["galore"]["rank"] == 128
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once_with_the_fix(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from rankwise import train as train_mod
+
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="rankwise"):
+        train_mod.warn_slow_bf16(torch.device("cpu"), "bf16")
+        train_mod.warn_slow_bf16(torch.device("cpu"), "fp32")  # fp32: nothing to say
+    assert [r.getMessage() for r in caplog.records] == [
+        "bf16 autocast on this CPU (no AVX512-BF16 / AMX) is emulated, ~8x slower than fp32: use --dtype fp32"]
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
+    caplog.clear()
+    train_mod.warn_slow_bf16(torch.device("cpu"), "bf16")
+    assert not caplog.records

@@ -1,8 +1,9 @@
 """Benchmark presets: one model, one data source, one schedule, the methods compared on it, and the protocol
 (seeds, memory budgets, learning-rate grid).
 
-``tiny`` is the CPU benchmark: the 1.3M-parameter ``mini`` LLaMA (hidden 128, 4 blocks, vocab 2048) for 240 steps x
-8 x 128 tokens, 3 seeds, one intra-op thread per run and one run per core, sized so that the README's main command
+``tiny`` is the CPU benchmark: the 1.3M-parameter ``mini`` LLaMA (hidden 128, 4 blocks, vocab 2048) for 160 steps x
+8 x 128 tokens in fp32 (bf16 autocast is 8x slower on a CPU without native bf16, e.g. AVX2-only), 3 seeds, one
+intra-op thread per run and one run per core, sized so that the README's main command
 takes at most 15 minutes on 2 idle cores (measured: docs/bench.md). The ``llama-*`` presets are GaLore's C4 pre-training recipes
 (``scripts/benchmark_c4/llama_*.sh``: total batch 512 sequences of 256 tokens, 10k / 20k / 60k / 100k steps, 10%
 warmup, bf16, GaLore lr 0.01 with scale 0.25 and update gap 200) with the ranks of GaLore's Table 2 (128 / 256 /
@@ -135,11 +136,11 @@ TINY_CORE = ("full", "galore", "fira", "frugal", "lowrank", "lowrank-rr", "relor
 TINY_FRONTIER = ("full", "galore", "galore-8bit", "apollo", "apollo-mini", "sst", "lost", "switchlora")
 
 PRESETS: dict[str, BenchPreset] = {
-    "tiny": BenchPreset(model="mini", steps=240, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=24,
-                        methods=_cpu_methods(rank=32, gap=50, warmup=10, steps=240), eval_every=120, eval_batches=32,
+    "tiny": BenchPreset(model="mini", steps=160, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=16, dtype="fp32",
+                        methods=_cpu_methods(rank=32, gap=40, warmup=10, steps=160), eval_every=80, eval_batches=16,
                         vocab_size=2048, seeds=3, budgets=("100%", "80%", "60%"), default_methods=TINY_CORE,
-                        description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 240 steps x "
-                                    "1024 tokens, rank 32, 3 seeds, one thread per run; by default the 9 methods of "
+                        description="1.3M-param LLaMA (hidden 128, vocab 2048) on the embedded corpus, 160 steps x "
+                                    "1024 tokens in fp32, rank 32, 3 seeds, one thread per run; by default the 9 methods of "
                                     "TINY_CORE (<= 15 min on 2 cores), the memory frontier with --methods "
                                     "(TINY_FRONTIER)"),
     "gpu-60m": BenchPreset(model="llama-60m", steps=400, batch_size=128, seq_len=256, lr=1e-3, warmup_steps=40,

@@ -539,7 +539,8 @@ def _tune(bp: BenchPlan, cfg: BenchConfig, out: Path, log: Callable[[str], None]
         methods_out[e.label] = {"method": e.spec.method, "label": e.label, "lr": best, "grid_centre": centre,
                                "tuned": ["lr"], "fixed": {k: e.spec.options[k] for k in e.spec.fixed},
                                "options": e.spec.options, "sweep": [x.to_dict() for x in trials]}
-    tuned = {"preset": cfg.preset, "steps": bp.preset.steps, "grid": {k: t[k] for k in ("points", "span")},
+    tuned = {"preset": cfg.preset, "steps": bp.preset.steps, "dtype": cfg.overrides.get("dtype", bp.preset.dtype),
+             "grid": {k: t[k] for k in ("points", "span")},
              "successive_halving": {k: t[k] for k in ("rungs", "horizons", "eta")}, "seeds": tune_seeds,
              "objective": "final validation loss (mean over seeds)", "methods": methods_out}
     write_json_atomic(out / "tuned.json", tuned, indent=1)
@@ -550,13 +551,13 @@ def _tune(bp: BenchPlan, cfg: BenchConfig, out: Path, log: Callable[[str], None]
 def ship_tuned(tuned_json: Path, command: str) -> Path:
     """Store a ``tuned.json`` in the package's ``tuned_lrs.json`` under its preset, with the command that made it.
 
-    A sweep with the same protocol (steps, grid, successive halving, seeds) as the shipped one adds its methods to
+    A sweep with the same protocol (steps, dtype, grid, successive halving, seeds) as the shipped one adds its methods to
     it (re-tuned methods replace theirs; ``commands`` lists every sweep); another protocol replaces the entry."""
     data = json.loads(TUNED_LRS.read_text())
     tuned = json.loads(tuned_json.read_text())
     presets = data.setdefault("presets", {})
     old = presets.get(tuned["preset"])
-    protocol = ("steps", "grid", "successive_halving", "seeds", "objective")
+    protocol = ("steps", "dtype", "grid", "successive_halving", "seeds", "objective")
     if old and all(old.get(k) == tuned.get(k) for k in protocol):
         methods_ = {**old["methods"], **tuned["methods"]}
         commands = [*old.get("commands", []), *([command] if command not in old.get("commands", []) else [])]
