@@ -5,18 +5,29 @@ Same arithmetic, op for op, as the per-param path, which stays both the referenc
 - plain params and block-selector params (selected: the inner rule; inactive: the residual rule on the whole
   gradient): the rules' ``torch._foreach_*`` forms (``InnerRule.directions``), across shapes;
 - projected matrices of one shape (in their own orientation, so each slice of a ``torch.bmm`` has the strides, and
-  on the CPU the BLAS call, of the per-param product) and rank: P^T Gt and P u as ``bmm`` on stacked gradients and
-  bases, the inner rule on the (r, D) slices with foreach ops. Refreshes (one SVD per matrix, as the references take it, so the bases are theirs to
-  the sign) and moment init / reset / rotation stay per param: they happen once per ``update_gap``.
+  on the CPU the BLAS call, of the per-param product; ``Gaussian.handles`` stacks APOLLO's bases in that layout too)
+  and rank: P^T Gt and P u as ``bmm`` on stacked gradients and bases, the inner rule on the (r, D) slices with
+  foreach ops. Refreshes (one SVD per matrix, as the references take it, so the bases are theirs to the sign) and
+  moment init / reset / rotation stay per param: they happen once per ``update_gap``.
+- residual rules on the stack: signSGD of Gt - P P^T Gt; the linear ones (sgd, and the ``GradientScaling`` rules
+  fira, fira_exact, apollo, apollo_tensor) as P (a u - rls w g c) by ``bmm`` (when a or w is nonzero; APOLLO: neither)
+  plus Gt * c by a foreach ``addcmul_``, c from ``ResidualRule.column_scales`` on the stack: column norms as
+  reductions along each slice, the limiter's previous norms gathered from and its new ones put back into each
+  state, the per-matrix gain (step counts may differ) and limiter applied by foreach ops over the slices (each the
+  per-matrix op with a Python float or 0-d tensor); the per-param ``column_scale`` is a batch of one of it.
 
-The state stays per param, exactly as the per-param path keeps it (``state_dict`` unchanged). Stacks hold at most
-``BATCH_NUMEL`` elements, which bounds the transient memory of the batched step (a matrix larger than that is a batch
-of one); foreach lists of CPU tensors ``CPU_FOREACH_NUMEL``, so that each list's data stays in cache. Everything
-else takes the per-param path: inner rules, residual rules and projectors whose exact type is not in the
-``BATCHED_*`` tables (a subclass or a new rule opts in by being added there, once it has the batched forms),
-coordinate subsets, layer-wise hooks, ``state_bits`` (quantized moments), params, gradients or states that are not
-plain dense tensors (DTensor), states with keys this module does not know, and for now the ``GradientScaling``
-residuals (fira, fira_exact, apollo: their ``column_scale`` is per matrix).
+Bit-exact on the CPU in fp32 (``tests/optim/test_batched.py``, single-threaded) and fp64. Not in bf16: torch's
+in-place CPU ``_foreach_mul_`` by a scalar rounds the scalar to bf16 first, unlike ``mul_`` (the inner rules' foreach
+forms; ``column_scales`` uses out-of-place foreach ops, exact there). On several threads, a full sum of more than
+32768 elements (the tensor-wise or limiter norm of a matrix that wide) is split across threads for one matrix but not
+for a stack. The state stays per param, exactly as the per-param path keeps it (``state_dict``
+unchanged). Stacks hold at most ``BATCH_NUMEL`` elements, which bounds the transient memory of the batched step (a
+matrix larger than that is a batch of one); foreach lists of CPU tensors ``CPU_FOREACH_NUMEL``, so that each list's
+data stays in cache. Everything else takes the per-param path: inner rules, residual rules and projectors whose exact
+type is not in the ``BATCHED_*`` tables (a subclass or a new rule opts in by being added there, once it has the
+batched forms), ``coordinates`` and coordinate subsets, layer-wise hooks, ``side="shard"``, ``state_bits``
+(quantized moments), params, gradients or states that are not plain dense tensors (DTensor), and states with keys
+this module does not know.
 """
 
 from __future__ import annotations
@@ -27,9 +38,10 @@ import torch
 from torch import nn
 
 from .blocks import BLOCK_SELECTORS
-from .projectors import PROJECTORS, SVD, Projector, RandomGaussian, RandomizedSVD, canonical, make_projector
-from .rules import (Adam, AdamW, AdamWHF, Drop, InnerRule, ResidualRule, SGDMomentum, SGDResidual, SignSGDResidual,
-                    make_inner, make_residual)
+from .projectors import (PROJECTORS, SVD, Gaussian, Projector, RandomGaussian, RandomizedSVD, canonical,
+                         make_projector)
+from .rules import (Adam, AdamW, AdamWHF, APOLLOScaling, APOLLOTensorScaling, Drop, FiraExactResidual, FiraResidual,
+                    InnerRule, ResidualRule, SGDMomentum, SGDResidual, SignSGDResidual, make_inner, make_residual)
 
 if TYPE_CHECKING:
     from .optimizer import SplitOptimizer
@@ -39,8 +51,9 @@ BATCH_NUMEL = 1 << 24  # elements per stacked gradient (64 MiB in fp32)
 # keeps its data there across the rule's ops (measured on the tiny preset: 1.5x slower with one list of everything)
 CPU_FOREACH_NUMEL = 1 << 16
 BATCHED_INNER = (Adam, AdamW, AdamWHF, SGDMomentum)
-BATCHED_RESIDUAL = (Drop, SGDResidual, SignSGDResidual)
-BATCHED_PROJECTORS = (SVD, RandomizedSVD, RandomGaussian)
+BATCHED_RESIDUAL = (Drop, SGDResidual, SignSGDResidual, FiraResidual, FiraExactResidual, APOLLOScaling,
+                    APOLLOTensorScaling)
+BATCHED_PROJECTORS = (SVD, RandomizedSVD, RandomGaussian, Gaussian)
 # the residual rule of a whole gradient (an inactive block): sign(G), G
 WHOLE_RESIDUAL = {SignSGDResidual: torch._foreach_sign, SGDResidual: list}
 
@@ -74,7 +87,7 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
             or group.get("side", "auto") != "auto"):  # side="shard" (FSDP2's local projection): the per-param path
         return params
     proj = PROJECTORS.get(group["projector"])
-    known = {"updates", "step", *inner.moments, "basis", "seed", *residual.state_keys}
+    known = {"updates", "step", *inner.moments, "basis", "seed", "right", *residual.state_keys}
     rest, plain, active, inactive = [], [], [], []
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
@@ -100,7 +113,9 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
                     inner.drop(state)
                 inactive.append(p)
         elif proj in BATCHED_PROJECTORS:
-            key = (tuple(p.shape), opt._rank(p, group), p.dtype, p.device, "residual_norm" in state)
+            # one bucket: one limiter case (all states with a previous norm, or none) and one gaussian side
+            key = (tuple(p.shape), opt._rank(p, group), p.dtype, p.device, "residual_norm" in state,
+                   state.get("right"))
             buckets.setdefault(key, []).append(p)
         else:
             rest.append(p)
@@ -166,14 +181,20 @@ def _subspace(opt: SplitOptimizer, group: dict[str, Any], proj: Projector, inner
             inner.rotate(state, proj.dense(h[i], d).t() @ old[i])
     u = torch.stack(inner.directions(lows, states, group))
     pts = [canonical(p) for p in ps]
-    lr, scale, rls = group["lr"], residual.inner_weight(group), group["residual_lr_scale"]
+    lr, a, rls = group["lr"], residual.inner_weight(group), group["residual_lr_scale"]
     if type(residual) is Drop:
-        torch._foreach_add_(pts, list(torch.bmm(h, u).unbind(0)), alpha=-lr * scale)
+        torch._foreach_add_(pts, list(torch.bmm(h, u).unbind(0)), alpha=-lr * a)
     elif type(residual) is SignSGDResidual:  # not linear: the residual itself, Gt - P P^T Gt
-        torch._foreach_add_(pts, list(torch.bmm(h, u).unbind(0)), alpha=-lr * scale)
+        torch._foreach_add_(pts, list(torch.bmm(h, u).unbind(0)), alpha=-lr * a)
         resid = (gt - torch.bmm(h, low)).sign_()
         torch._foreach_add_(pts, list(resid.unbind(0)), alpha=-lr * rls)
-    else:  # SGD, linear: scale P u + rls (Gt - P g) = P (scale u - rls g) + rls Gt
-        x = u.mul(scale).sub_(low * 1.0, alpha=rls * residual.subspace_weight(group))
-        torch._foreach_add_(pts, list(torch.bmm(h, x).unbind(0)), alpha=-lr)
-        torch._foreach_add_(pts, gts, alpha=-lr * rls)
+    else:  # linear (sgd, fira, apollo): a P u + rls (Gt - w P g) c = P (a u - rls w g c) + rls Gt c
+        c = residual.column_scales(gt, low, u, states, group, h if residual.needs_subspace else None)
+        w = residual.subspace_weight(group)
+        if a or w:  # APOLLO: neither (the inner rule only feeds the scaling of Gt)
+            x = u.mul(a).sub_(low * (c.view(len(ps), 1, -1) if torch.is_tensor(c) else c), alpha=rls * w)
+            torch._foreach_add_(pts, list(torch.bmm(h, x).unbind(0)), alpha=-lr)
+        if torch.is_tensor(c):  # per column (D,) or per matrix (0-d), as the per-param step's addcmul_
+            torch._foreach_addcmul_(pts, gts, list(c.unbind(0)), value=-lr * rls)
+        else:
+            torch._foreach_add_(pts, gts, alpha=-lr * rls * c)

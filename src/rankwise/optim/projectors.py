@@ -258,6 +258,16 @@ class Gaussian(Projector):
                         generator=generator(gt.device, state["seed"])) / math.sqrt(r)
         return (z.t() if state["right"] else z).to(gt.dtype)
 
+    def handles(self, states: list[State], gts: list[torch.Tensor]) -> torch.Tensor:
+        """``handle`` of matrices of one shape and side (``right`` alike: the batched step's buckets), stacked in
+        the layout ``handle`` gives each (a right basis: the transpose of a contiguous (r, d) draw), so that every
+        slice of a ``bmm`` has the per-param strides."""
+        d, r, device, right = gts[0].shape[0], self.rank, gts[0].device, states[0]["right"]
+        shape = (r, d) if right else (d, r)
+        z = torch.stack([torch.randn(shape, device=device, generator=generator(device, s["seed"])) for s in states])
+        z = z / math.sqrt(r)
+        return (z.transpose(1, 2) if right else z).to(gts[0].dtype)
+
 
 PROJECTORS: dict[str, type[Projector]] = {p.name: p for p in (SVD, RandomizedSVD, RandomGaussian, Gaussian,
                                                               Coordinates)}

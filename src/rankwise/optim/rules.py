@@ -258,6 +258,13 @@ class ResidualRule:
         (``direction`` is used)."""
         return None
 
+    def column_scales(self, gt: torch.Tensor, g_low: torch.Tensor, u_low: torch.Tensor, states: list[State],
+                      group: dict[str, Any], basis: torch.Tensor | None) -> torch.Tensor | float:
+        """``column_scale`` of B matrices of one shape at once (``SplitOptimizer``'s batched step): ``gt`` (B, d, D),
+        ``g_low`` / ``u_low`` (B, r, D), ``basis`` (B, d, r) or None; c as (B, D), (B,) (a scalar per matrix) or
+        one float for all. Only the linear rules the batched step lists (``batched.BATCHED_RESIDUAL``) have it."""
+        raise NotImplementedError
+
     def subspace_weight(self, group: dict[str, Any]) -> float:
         """w: how much of the in-subspace part ``P P^T Gt`` the residual removes (1: the exact complement)."""
         return 1.0
@@ -283,6 +290,9 @@ class SGDResidual(ResidualRule):
         return resid
 
     def column_scale(self, gt, g_low, u_low, state, group, basis):
+        return 1.0
+
+    def column_scales(self, gt, g_low, u_low, states, group, basis):
         return 1.0
 
 
@@ -319,27 +329,49 @@ class GradientScaling(ResidualRule):
         return 1.0
 
     def column_scale(self, gt, g_low, u_low, state, group, basis):
-        """phi / limiter per column (or scalar), times c * alpha. ||S|| comes from column norms without forming S
-        (g_j = P^T G_j): ||G_j - w P g_j||^2 = ||G_j||^2 - 2w ||g_j||^2 + w^2 g_j^T (P^T P) g_j, exact even where P
-        is orthonormal only to the precision of its SVD (an fp32 basis for fp64 weights)."""
-        gain = make_inner(group["inner"]).gain(state, group)
+        """``column_scales`` of one matrix: a batch of one, so both steps run the same ops."""
+        c = self.column_scales(gt[None], g_low[None], u_low[None], [state], group,
+                               None if basis is None else basis[None])
+        return c[0]
+
+    def column_scales(self, gt, g_low, u_low, states, group, basis):
+        """phi / limiter per column (or per matrix), times c * alpha, of B matrices of one shape: (B, D) ((B,) when
+        ``tensorwise``); sets each state's ``residual_norm``, and limits when the states have one (all or none).
+        ||S|| comes from column norms without forming S (g_j = P^T G_j): ||G_j - w P g_j||^2 = ||G_j||^2 -
+        2w ||g_j||^2 + w^2 g_j^T (P^T P) g_j, exact even where P is orthonormal only to the precision of its SVD (an
+        fp32 basis for fp64 weights).
+
+        Each op treats a matrix's slice as it would the matrix alone (the reductions run along the slice, bit for bit
+        on the CPU), and the per-matrix scalars (the inner rule's gain, whose step counts may differ, and the
+        limiter) enter through foreach ops over the slices: each is the one-matrix op with a Python float or a 0-d
+        tensor. A (B, 1) tensor of them would not be: it rounds the gain to the gradient's dtype, and its dims
+        promote a bf16 phi to the limiter's fp32."""
+        inner = make_inner(group["inner"])
+        gains = [inner.gain(s, group) for s in states]
         w = self.subspace_weight(group)
-        low_sq, u_sq = g_low.square().sum(0), u_low.square().sum(0)
+        low_sq, u_sq = g_low.square().sum(1), u_low.square().sum(1)  # (B, D): squared column norms
         if self.tensorwise:
-            phi = u_sq.sum().sqrt() / gain / (low_sq.sum().sqrt() + 1e-8)
+            phi = _per_matrix(torch._foreach_div, u_sq.sum(1).sqrt(), gains) / (low_sq.sum(1).sqrt() + 1e-8)
         else:
-            phi = u_sq.sqrt() / gain / (low_sq.sqrt() + 1e-8)  # per column of the (r, D) gradient
-        resid_sq = gt.square().sum(0)
+            phi = _per_matrix(torch._foreach_div, u_sq.sqrt(), gains) / (low_sq.sqrt() + 1e-8)
+        resid_sq = gt.square().sum(1)
         if w:
-            back_sq = ((basis.t() @ basis) @ g_low).mul_(g_low).sum(0)  # ||P g_j||^2
+            back_sq = torch.bmm(torch.bmm(basis.transpose(1, 2), basis), g_low).mul_(g_low).sum(1)  # ||P g_j||^2
             resid_sq = (resid_sq - 2 * w * low_sq + w * w * back_sq).clamp(min=0)
-        norm = (phi.square() * resid_sq).sum().sqrt()
-        if "residual_norm" in state:
-            limiter = torch.clamp(norm / (state["residual_norm"] + 1e-8), min=self.gamma) / self.gamma
-            phi = phi / limiter
+        norm = (phi.square().view(len(states), -1) * resid_sq).sum(1).sqrt()  # (B,)
+        if "residual_norm" in states[0]:
+            prev = torch.stack([s["residual_norm"] for s in states])
+            limiter = torch.clamp(norm / (prev + 1e-8), min=self.gamma) / self.gamma
+            phi = _per_matrix(torch._foreach_div, phi, list(limiter.unbind(0)))
             norm = norm / limiter
-        state["residual_norm"] = norm.to(torch.promote_types(norm.dtype, torch.float32)).reshape(())  # >= fp32
-        return phi * (gain * self.multiplier(group))
+        for state, n in zip(states, norm.to(torch.promote_types(norm.dtype, torch.float32)).unbind(0)):
+            state["residual_norm"] = n.clone()  # >= fp32; a tensor of its own, not a view of the batch
+        return _per_matrix(torch._foreach_mul, phi, [gain * self.multiplier(group) for gain in gains])
+
+
+def _per_matrix(op: Any, x: torch.Tensor, scalars: list) -> torch.Tensor:
+    """The foreach ``op`` of each slice ``x[i]`` with ``scalars[i]`` (a number or a 0-d tensor), restacked."""
+    return torch.stack(op(list(x.unbind(0)), scalars))
 
 
 class FiraResidual(GradientScaling):
