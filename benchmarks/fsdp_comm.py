@@ -1,4 +1,6 @@
-"""GaLore under FSDP2 on CPU (gloo): today's all-gather design (``side=auto``) vs shard-local (``side=shard``).
+"""GaLore under FSDP2 on CPU (gloo): the all-gather design (``side=auto``) vs shard-local (``side=shard``), its basis
+replicated (``basis=replicated``, no per-step collective) or sharded (``basis=sharded``: state / N, one n x r
+all-gather per matrix and step).
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/fsdp_comm.py --world 2 4 --layers 2 --steps 3
 
@@ -11,8 +13,9 @@ Per design, per rank, side by side in one launch per world size:
 - step time (optimizer only, median), as a ratio to ``torch.optim.AdamW`` (foreach) stepping the same sharded model.
 
 Model: the ``small`` preset's shapes (hidden 512, FFN 1376: every projected matrix >= 512 x 512), ``--layers``
-decoder layers, vocab 2048. The machine this was written on was loaded: times are provisional, re-measure with
-the command above on an idle machine. Bytes and state are exact whatever the load.
+decoder layers, vocab 2048. The machine this was run on was loaded (2 cores shared with other jobs): its times are
+not speed claims, re-measure with the command above on an idle machine. Bytes and state are exact whatever the
+load.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from rankwise.metrics import PeakMemory, optimizer_state_bytes  # noqa: E402
 
 DESIGNS = {"all-gather (side=auto, svd)": dict(side="auto", projector="svd"),
            "shard-local (side=shard, svd)": dict(side="shard", projector="svd"),
-           "shard-local (side=shard, rsvd)": dict(side="shard", projector="rsvd")}
+           "shard-local (side=shard, rsvd)": dict(side="shard", projector="rsvd"),
+           "shard-local, sharded basis (svd)": dict(side="shard", projector="svd", basis="sharded"),
+           "shard-local, sharded basis (rsvd)": dict(side="shard", projector="rsvd", basis="sharded")}
 
 
 def _model(layers: int):

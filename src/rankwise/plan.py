@@ -118,19 +118,23 @@ def fsdp_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer, world: in
 
     Weights and gradients: the rank's rows of each. Optimizer state, tensor by tensor, as it is placed
     (``rankwise.optim.sharded``): scalars and integer indices whole on every rank; with ``side="shard"`` the basis
-    (n x r) whole (replicated) and the low-rank moments (r x m) by their columns (the weight's rows); everything
-    else by rows, like the weights (``distributed.reshard_state``). The optimizer must have taken its step."""
+    (n x r) whole (``basis="replicated"``) or by its rows (``basis="sharded"``) and the low-rank moments (r x m) by
+    their columns (the weight's rows); everything else by rows, like the weights (``distributed.reshard_state``).
+    The optimizer must have taken its step."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     nbytes = [_local_bytes(p, 0, world, rank) for p in trainable]
     state = 0
     for group in optimizer.param_groups:
         shard = group.get("side") == "shard"
+        whole_basis = shard and group.get("basis", "replicated") == "replicated"
         for p in group["params"]:
             for key, v in optimizer.state.get(p, {}).items():
                 if not isinstance(v, torch.Tensor):
                     continue
-                if v.dim() == 0 or not v.is_floating_point() or (shard and key == "basis"):
+                if v.dim() == 0 or not v.is_floating_point() or (whole_basis and key == "basis"):
                     state += v.numel() * v.element_size()
+                elif shard and key == "basis":  # n x r, Shard(0)
+                    state += _local_bytes(v, 0, world, rank)
                 elif shard and p.dim() == 2 and v.dim() == 2 and v.shape[1] == p.shape[0] != v.shape[0]:
                     state += _local_bytes(v, 1, world, rank)
                 else:
@@ -207,6 +211,7 @@ class Plan:
     quantize: str | None = None
     world: int = 1  # > 1: the bytes are those of one rank (rank 0) of ``world`` processes under ``parallel``
     parallel: str = "ddp"
+    period: int = 0  # the refresh period whose optimizer state is counted
 
     @property
     def total(self) -> int:
@@ -235,7 +240,8 @@ class Plan:
         base = f", {self.quantize} base" if self.quantize else ""
         lines = [f"{self.method}{f' ({opts})' if opts else ''} on {self.model}{base}: batch {self.batch} x seq "
                  f"{self.seq}, {self.dtype}, {self.trainable_params:,} of {self.total_params:,} params trainable"
-                 + (f"; per rank of {self.world} ({self.parallel})" if self.world > 1 else ""),
+                 + (f"; per rank of {self.world} ({self.parallel})" if self.world > 1 else "")
+                 + (f"; state of period {self.period}" if self.period else ""),
                  f"{'':28}{'GiB':>10}{'bytes':>18}"]
         lines += [f"{name:28}{n / GIB:10.3f}{n:18,}" for name, n in rows]
         other = "activations_checkpointed" if not self.checkpointing else "activations"
@@ -254,14 +260,21 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1)
 
 
-def _state_bytes(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """The optimizer's state bytes after one step on meta tensors (or the method's own exact count)."""
+def _state_bytes(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, period: int = 0) -> int:
+    """The optimizer's state bytes after one step on meta tensors (or the method's own exact count). ``period`` > 0,
+    for optimizers with refresh periods (``SplitOptimizer.enter_period``): after one step in each of the periods
+    0..``period``, the state of that period (block selectors hold other blocks in each); other optimizers hold the
+    same state in every period: one step."""
     hook = getattr(method, "planned_state_bytes", None)
     if hook is not None:
         return int(hook(model, optimizer))
+    enter = getattr(optimizer, "enter_period", None)
     try:  # a backward on meta tensors sets every gradient and fires post-accumulate-grad (layer-wise) hooks
-        torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum().backward()
-        optimizer.step()
+        for q in range(period + 1 if enter is not None else 1):
+            if q:
+                enter(q)
+            torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum().backward()
+            optimizer.step()
     except Exception as e:  # noqa: BLE001 — any failure here means the method needs the override hook
         raise RankwiseError(f"method {method.name!r} cannot take an optimizer step on the meta device "
                             f"({type(e).__name__}: {e}); it must define planned_state_bytes(model, optimizer) "
@@ -270,8 +283,8 @@ def _state_bytes(method: Method, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def _plan_weights(config, method_name: str, options: dict[str, Any], dtype: str,
-                  quantize: str | None = None, world: int = 1,
-                  parallel: str = "ddp") -> tuple[dict[str, int], int, int, Method]:
+                  quantize: str | None = None, world: int = 1, parallel: str = "ddp",
+                  period: int = 0) -> tuple[dict[str, int], int, int, Method]:
     method = methods_mod.get(method_name, **options)
     model = _meta_model(config, DTYPES[dtype][0])
     if method.calibration_batches:  # gradient-based inits see meta batches: only their shapes matter
@@ -283,7 +296,7 @@ def _plan_weights(config, method_name: str, options: dict[str, Any], dtype: str,
 
         model = quantize_method_base(model, method, quantize)
     optimizer = method.build_optimizer(model, OptimConfig())
-    counts = breakdown(model, optimizer, _state_bytes(method, model, optimizer))
+    counts = breakdown(model, optimizer, _state_bytes(method, model, optimizer, period))
     if world > 1 and parallel == "fsdp":
         counts = fsdp_breakdown(model, optimizer, world)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -293,7 +306,7 @@ def _plan_weights(config, method_name: str, options: dict[str, Any], dtype: str,
 def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None, batch: int = 1, seq: int = 2048,
          dtype: str = "bf16", budget: str | int | None = None, checkpointing: bool = False,
          options: dict[str, Any] | None = None, vocab_size: int | None = None, quantize: str | None = None,
-         world: int = 1, parallel: str = "ddp") -> Plan:
+         world: int = 1, parallel: str = "ddp", period: int = 0) -> Plan:
     """Plan the memory of training ``model`` (a preset or a transformers config path) with ``method``.
 
     ``dtype``: ``bf16`` (weights, gradients, state and activations in bf16, as in GaLore's 7B setting), ``fp32``, or
@@ -304,6 +317,9 @@ def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None,
     (rank 0, the largest) of ``world`` processes; ``batch`` is the global batch, each rank runs ``batch / world``;
     ``parallel="ddp"`` replicates weights, gradients and state, ``"fsdp"`` shards them (``fsdp_breakdown``) and adds
     ``fsdp_gather``: one FSDP unit's full parameters (the largest), all-gathered for its forward / backward.
+    ``period``: the refresh period whose optimizer state to count (``SplitOptimizer`` methods: block selectors such
+    as FRUGAL, BAdam, LISA hold other blocks' moments in each period; other methods: the same state in every period;
+    default 0, the first).
     """
     if dtype not in DTYPES:
         raise RankwiseError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -323,10 +339,12 @@ def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None,
     if batch % world:
         raise RankwiseError(f"batch {batch} is not divisible by the world size {world}: every rank takes batch / "
                             f"world sequences; use a batch that is a multiple of {world}")
+    if not isinstance(period, int) or isinstance(period, bool) or period < 0:
+        raise RankwiseError(f"period must be a non-negative integer (0: the first refresh period), got {period!r}")
     options = dict(options or {})
     if rank is not None:
         options["rank"] = rank
-    counts, trainable, total, built = _plan_weights(config, method, options, dtype, quantize, world, parallel)
+    counts, trainable, total, built = _plan_weights(config, method, options, dtype, quantize, world, parallel, period)
     e = DTYPES[dtype][1]
     counts["activations"] = activation_bytes(config, batch // world, seq, e)
     counts["activations_checkpointed"] = activation_bytes(config, batch // world, seq, e, checkpointing=True)
@@ -337,7 +355,7 @@ def plan(model: str = "llama-7b", method: str = "full", rank: int | None = None,
         root = 2 * d["vocab"] * h + h
         counts["fsdp_gather"] = max(layer, root) * (4 if dtype == "amp" else DTYPES[dtype][1])
     result = Plan(model, method, built.describe(), batch, seq, dtype, checkpointing, trainable, total, counts,
-                  budget_bytes, quantize=quantize, world=world, parallel=parallel)
+                  budget_bytes, quantize=quantize, world=world, parallel=parallel, period=period)
     if budget_bytes is not None and "rank" in methods_mod.info(method).options():
         result.largest_rank = _largest_rank(result, config, options)
         if result.largest_rank is None:
@@ -351,11 +369,15 @@ def _switches(base: Plan, config, options: dict[str, Any]) -> list[str]:
     """What the switches that save memory (activation checkpointing, GaLore's layer-wise updates, 8-bit optimizer
     state) would make of a plan that does not fit: one line each, alone and together, with the total and whether it fits."""
     takes = methods_mod.info(base.method).options()
+    same = (base.world, base.parallel, base.period)
+    gather = base.bytes.get("fsdp_gather", 0)
     layerwise = None
     if "layerwise" in takes and not options.get("layerwise"):
-        counts, _, _, _ = _plan_weights(config, base.method, {**options, "layerwise": True}, base.dtype, base.quantize)
-        layerwise = sum(counts.values())
+        counts, _, _, _ = _plan_weights(config, base.method, {**options, "layerwise": True}, base.dtype, base.quantize,
+                                       *same)
+        layerwise = sum(counts.values()) + gather
     weights = sum(base.bytes[k] for k in ("weights_trainable", "weights_frozen", "gradients", "optimizer_state"))
+    weights += gather
     act, act_ckpt = base.bytes["activations"], base.bytes["activations_checkpointed"]
     choices = []
     if not base.checkpointing:
@@ -365,10 +387,12 @@ def _switches(base: Plan, config, options: dict[str, Any]) -> list[str]:
         if not base.checkpointing:
             choices.append(("--checkpointing --opt layerwise=true", layerwise + act_ckpt))
     if "state_bits" in takes and not options.get("state_bits"):  # 8-bit optimizer state (rankwise.optim.lowbit)
-        counts, _, _, _ = _plan_weights(config, base.method, {**options, "state_bits": 8}, base.dtype, base.quantize)
-        choices.append(("--opt state_bits=8", sum(counts.values()) + (act_ckpt if base.checkpointing else act)))
+        counts, _, _, _ = _plan_weights(config, base.method, {**options, "state_bits": 8}, base.dtype, base.quantize,
+                                       *same)
+        low = sum(counts.values()) + gather
+        choices.append(("--opt state_bits=8", low + (act_ckpt if base.checkpointing else act)))
         if not base.checkpointing:
-            choices.append(("--checkpointing --opt state_bits=8", sum(counts.values()) + act_ckpt))
+            choices.append(("--checkpointing --opt state_bits=8", low + act_ckpt))
     lines = [f"with {flags}: {total / GIB:.2f} GiB, {'fits' if total <= base.budget else 'does NOT fit'}"
              for flags, total in choices]
     return lines or ["no memory switch left to try (activation checkpointing is on, the method has no layer-wise "
@@ -389,7 +413,7 @@ def _largest_rank(base: Plan, config, options: dict[str, Any]) -> int | None:
         if r not in cache:
             try:
                 counts, _, _, _ = _plan_weights(config, base.method, {**options, "rank": r}, base.dtype, base.quantize,
-                                               base.world, base.parallel)
+                                               base.world, base.parallel, base.period)
                 cache[r] = static + sum(counts.values())
             except RankwiseError:  # rank invalid for some matrix (larger than min(m, n))
                 cache[r] = None

@@ -20,6 +20,11 @@ METHODS = {
     "galore_rsvd_shard": dict(method="galore", method_options={"rank": 8, "update_gap": 2, "side": "shard",
                                                                 "projector": "rsvd"}),
     "fira_shard": dict(method="fira", method_options={"rank": 8, "update_gap": 2, "side": "shard"}),
+    # the basis sharded over the ranks between steps (basis="sharded"): the same numbers as the replicated one above
+    "galore_shard_basis": dict(method="galore", method_options={"rank": 8, "update_gap": 2, "side": "shard",
+                                                                 "basis": "sharded"}),
+    "galore_rsvd_shard_basis": dict(method="galore", method_options={"rank": 8, "update_gap": 2, "side": "shard",
+                                                                      "projector": "rsvd", "basis": "sharded"}),
     # layer-wise updates in FSDP2's post-reduce-scatter hooks, on the last of 2 micro-batches (no clipping possible)
     "galore_layerwise": dict(method="galore", grad_accum=2, grad_clip=0.0,
                              method_options={"rank": 8, "update_gap": 2, "side": "shard", "layerwise": True}),

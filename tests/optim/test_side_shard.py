@@ -69,3 +69,34 @@ def test_range_finder_finds_the_top_right_subspace():
 def test_unknown_side_is_a_clear_error():
     with pytest.raises(RankwiseError, match="unknown side 'left'; valid: auto, shard"):
         SplitOptimizer([torch.nn.Parameter(torch.randn(4, 4))], side="left")
+
+
+def test_sharded_basis_is_a_no_op_in_one_process():
+    """``basis="sharded"`` shards a DTensor basis over FSDP2's ranks; plain tensors keep the whole basis, and the
+    numbers are those of ``basis="replicated"`` (the multi-rank runs: tests/distributed/test_fsdp_exact.py)."""
+    torch.manual_seed(0)
+    w0, grads = torch.randn(12, 20), [torch.randn(12, 20) for _ in range(3)]
+    out = []
+    for basis in ("replicated", "sharded"):
+        p = torch.nn.Parameter(w0.clone())
+        opt = SplitOptimizer([p], projector="rsvd", rank=3, update_gap=2, side="shard", basis=basis)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        assert opt.state[p]["basis"].shape == (20, 3)
+        out.append(p.detach())
+    assert torch.equal(*out)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(basis="rows"), "unknown basis 'rows'; valid: replicated, sharded"),
+    (dict(basis="sharded"), "basis='sharded' shards the right basis of side='shard'.*pass side='shard' too"),
+    (dict(basis="sharded", side="shard", projector="random"), "projector 'random' stores none.*drop the basis"),
+])
+def test_bad_basis_is_a_clear_error_in_the_optimizer_and_the_method(options, message):
+    from rankwise import methods
+
+    with pytest.raises(RankwiseError, match=message):
+        SplitOptimizer([torch.nn.Parameter(torch.randn(4, 4))], **options)
+    with pytest.raises(RankwiseError, match=message):
+        methods.get("galore", **options)  # before any model or optimizer is built

@@ -104,6 +104,24 @@ def test_budget_fits_and_largest_rank_is_exact():
     assert plan("llama-60m", "full", seq=256, budget="1GB").largest_rank is None  # no rank option
 
 
+def test_plan_counts_the_state_of_a_given_period():
+    """FRUGAL's sampled blocks differ per period (so does its state); LISA keeps the moments of every block it has
+    visited; AdamW holds the same state in every period."""
+    from rankwise.optim import build
+
+    model = build_model("tiny", seed=0)
+    for name in ("frugal", "lisa"):
+        opt = build(name, model, update_gap=2)
+        states = [plan("tiny", name, batch=2, seq=32, dtype="fp32", options={"update_gap": 2}, period=q)
+                  .bytes["optimizer_state"] for q in range(3)]
+        assert states == [opt.expected_state_bytes(q) for q in range(3)]
+        assert len(set(states)) > 1, name
+    full = [plan("tiny", "full", batch=2, seq=32, dtype="fp32", period=q).bytes["optimizer_state"] for q in (0, 3)]
+    assert full[0] == full[1]
+    with pytest.raises(RankwiseError, match="period must be a non-negative integer"):
+        plan("tiny", "frugal", seq=32, period=-1)
+
+
 @pytest.mark.parametrize("text, expected", [("24GB", 24 * 10**9), ("24GiB", 24 * 2**30), ("24g", 24 * 2**30),
                                             ("512 MiB", 512 * 2**20), ("1.5e9", 1.5e9), (1000, 1000)])
 def test_parse_bytes(text, expected):

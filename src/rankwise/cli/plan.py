@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--world", type=int, default=1, help="number of processes: bytes per rank (default 1)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="with --world: ddp (replicated) or fsdp (sharded: weights, gradients, state / world)")
+    p.add_argument("--period", type=int, default=0,
+                   help="the refresh period whose optimizer state to count (block selectors: FRUGAL, BAdam, LISA "
+                        "hold other blocks in each; default 0, the first)")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="any other method option (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--compare", action="store_true", help="every method side by side (--rank where it applies)")
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         options["target"] = args.target
     common = dict(batch=args.batch, seq=args.seq, dtype=args.dtype, budget=args.budget,
                   checkpointing=args.checkpointing, options=options, quantize=args.quantize, world=args.world,
-                  parallel=args.parallel)
+                  parallel=args.parallel, period=args.period)
     if not args.compare:
         if args.png or args.methods:
             raise RankwiseError("--png and --methods go with --compare")

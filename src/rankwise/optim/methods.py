@@ -4,7 +4,9 @@ Every method trains all parameters (full-parameter training); only the optimizer
 ``weight_decay`` and ``betas`` come from the loop's ``OptimConfig``; options come from the CLI (``--rank``,
 ``--update-gap``, ``--scale``, ``--opt KEY=VALUE``, e.g. ``--opt state_bits=8`` for 8-bit moments in any of them).
 Every projection method takes ``stagger`` (``--opt stagger=true``): its matrices refresh at staggered steps
-instead of all at once (``SplitOptimizer``), off by default.
+instead of all at once (``SplitOptimizer``), off by default. GaLore, Fira and FRUGAL take ``side``
+(``--opt side=shard``: the shard-local projection for FSDP2) and with it ``basis`` (``--opt basis=sharded``: the
+basis sharded over the ranks between steps, state per rank = single-process state / N; docs/distributed.md).
 
 eps: the ``eps`` option if given (``--opt eps=1e-8``); else the preset's reference default where it has one
 (``galore``, ``fira``, ``apollo``, ``apollo-mini``: 1e-6, as galore-torch's, Fira's and apollo-torch's AdamW); else the loop's ``cfg.eps`` (torch's 1e-8). So
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from ..methods import Method, OptimConfig, register
-from . import lowbit
+from . import lowbit, sharded
 from .presets import PRESETS, build
 
 
@@ -29,6 +31,9 @@ class SplitMethod(Method):
 
     def __init__(self, preset: str, **options: Any):
         lowbit.check(options.get("state_bits", PRESETS[preset].get("state_bits")))  # before anything is built
+        if "basis" in options:
+            sharded.check_basis(options["basis"], options.get("side", "auto"),
+                                options.get("projector", PRESETS[preset].get("projector", "svd")))
         self.preset = preset
         self.optimizer_options = options
 
@@ -45,7 +50,7 @@ class SplitMethod(Method):
 def galore(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
            moments: str = "keep", inner: str = "adamw_hf", eps: float | None = None, layerwise: bool = False,
            include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None, stagger: bool = False,
-           side: str = "auto") -> Method:
+           side: str = "auto", basis: str = "replicated") -> Method:
     """galore-torch 1.0's GaLoreAdamW; ``projector="rsvd"``, ``moments="rotate"``, ``inner="adamw"`` are rankwise's
     options beyond it (docs/fidelity-galore-fira.md)."""
     return SplitMethod("galore", **locals())
@@ -70,7 +75,8 @@ def adamw_8bit(state_bits: int = 8, eps: float | None = None, layerwise: bool = 
 def fira(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: str = "svd",
          moments: str = "keep", inner: str = "adamw_hf", residual: str = "fira", eps: float | None = None,
          layerwise: bool = False, include_embeddings: bool = False, seed: int = 0,
-         state_bits: int | None = None, stagger: bool = False, side: str = "auto") -> Method:
+         state_bits: int | None = None, stagger: bool = False, side: str = "auto",
+         basis: str = "replicated") -> Method:
     """fira 1.0.2's FiraAdamW; ``residual="fira_exact"`` (residual G - P P^T G) and GaLore's options beyond it."""
     return SplitMethod("fira", **locals())
 
@@ -98,7 +104,7 @@ def frugal(projector: str = "block", density: float | None = 0.25, rank: int | N
            block_order: str = "sample", residual: str = "signsgd", proj_params_lr_scale: float = 1.0,
            inactive_lr_scale: float = 1.0, moments: str = "reset", layerwise: bool = False,
            include_embeddings: bool = False, seed: int = 0, state_bits: int | None = None, stagger: bool = False,
-           side: str = "auto") -> Method:
+           side: str = "auto", basis: str = "replicated") -> Method:
     """FRUGAL's options by their names there: ``projector`` block (``--optimizer frugal`` = ``block_adamw``), svd /
     random / coordinates (``galore_adamw`` with proj_type svd / random / randperm) or columns / rows / randk
     (``coord_adamw``, the fine-tuning ``frugal``); ``residual`` = ``inactive_update_rule`` (signsgd, sgd, drop);
@@ -110,7 +116,7 @@ def frugal(projector: str = "block", density: float | None = 0.25, rank: int | N
                    residual=residual, scale=proj_params_lr_scale,
                    residual_lr_scale=proj_params_lr_scale * inactive_lr_scale, moments=moments, layerwise=layerwise,
                    include_embeddings=include_embeddings, seed=seed, state_bits=state_bits, stagger=stagger,
-                   side=side)
+                   side=side, basis=basis)
     if projector not in ("block", "layers"):
         options["blocks"] = "linears"
     return SplitMethod("frugal", **options, **({} if rank is None else {"rank": rank}))

@@ -96,6 +96,10 @@ class SplitOptimizer(torch.optim.Optimizer):
         side: ``auto`` (the basis spans the smaller side, GaLore's rule) or ``shard`` (always the right side, n x r:
             a weight sharded by rows under FSDP2 then projects, keeps its moments and back-projects locally;
             ``rsvd`` refreshes by a distributed range finder; see ``rankwise.optim.sharded``).
+        basis: with ``side="shard"`` (``svd``, ``rsvd``), where the basis Q (n x r) lives between steps under FSDP2:
+            ``replicated`` (whole on every rank, no per-step collective) or ``sharded`` (``Shard(0)``, n/N rows per
+            rank, so that the state per rank is the single-process state / N; all-gathered (n x r) for the step
+            that uses it, then freed). The same numbers either way; a no-op on plain tensors (one process, DDP).
         layerwise: update in post-accumulate-grad hooks (see module docstring).
     """
 
@@ -109,7 +113,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                  residual_lr_scale: float = 1.0, power_iters: int = 2, oversample: int = 8,
                  block_order: str = "ascending", active_blocks: int = 1, block_phase: int = 0, seed: int = 0,
                  project: bool = True, state_bits: int | None = None, stagger: bool = False,
-                 layerwise: bool = False, side: str = "auto"):
+                 layerwise: bool = False, side: str = "auto", basis: str = "replicated"):
         self._index: dict[nn.Parameter, int] = {}
         self._block: dict[nn.Parameter, int] = {}
         self._slot: dict[nn.Parameter, tuple[int, int]] = {}  # (j, n): j-th of the group's n refreshed matrices
@@ -120,7 +124,7 @@ class SplitOptimizer(torch.optim.Optimizer):
                         momentum=momentum, nesterov=nesterov, moments=moments, residual_lr_scale=residual_lr_scale,
                         power_iters=power_iters, oversample=oversample, block_order=block_order,
                         active_blocks=active_blocks, block_phase=block_phase, seed=seed, project=project,
-                        state_bits=state_bits, stagger=stagger, side=side)
+                        state_bits=state_bits, stagger=stagger, side=side, basis=basis)
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self.accumulating = False  # layer-wise: True on micro-batches whose gradients must accumulate (no update)
@@ -192,6 +196,9 @@ class SplitOptimizer(torch.optim.Optimizer):
         choice("block_order", ORDERS)
         lowbit.check(group["state_bits"])
         choice("side", SIDES)
+        choice("basis", sharded.BASES)
+        if group["project"]:
+            sharded.check_basis(group["basis"], group["side"], group["projector"])
         for key in ("update_gap", "active_blocks", "power_iters"):
             if not isinstance(group[key], int) or group[key] < 1:
                 raise RankwiseError(f"{key} must be a positive integer, got {group[key]!r}")
@@ -403,19 +410,26 @@ class SplitOptimizer(torch.optim.Optimizer):
         gt = orient(g, side)
         d = gt.shape[0]
         refresh, period = self._schedule(p, group, t)
-        old = None
-        if refresh:
-            if group["moments"] == "rotate" and "step" in state:
-                old = proj.dense(proj.handle(state, gt), d)
-            seed = proj.seed(state, group["seed"], self._index[p], period)
-            if side == "shard" and group["projector"] == "rsvd":  # no gather: one n x k all-reduce per iteration
-                sharded.refresh_rsvd(orient(p.grad, side), state, self._rank(p, group), group["oversample"],
-                                     group["power_iters"], seed)
-            else:
-                with sharded.plain_as_replicated(gt):
-                    proj.refresh(p.grad, state, seed, side)
-        with sharded.plain_as_replicated(gt):
-            self._project_and_apply(p, gt, state, group, inner, proj, d, refresh, old)
+        keep = group.get("basis", "replicated") if side == "shard" else None  # .get: checkpoints from before it
+        needed = not refresh or group["projector"] != "svd" or group["moments"] == "rotate"  # rsvd: warm start
+        with sharded.whole_basis(state, keep, needed):  # basis="sharded": all-gathered here, sliced again after
+            old = self._refresh(p, gt, state, group, proj, period) if refresh else None
+            with sharded.plain_as_replicated(gt):
+                self._project_and_apply(p, gt, state, group, inner, proj, d, refresh, old)
+
+    def _refresh(self, p: torch.Tensor, gt: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                 proj: Projector, period: int) -> torch.Tensor | None:
+        """A new basis for ``period`` into ``state``; returns the old one, dense, when ``moments="rotate"`` needs it."""
+        side, d = group["side"], gt.shape[0]
+        old = proj.dense(proj.handle(state, gt), d) if group["moments"] == "rotate" and "step" in state else None
+        seed = proj.seed(state, group["seed"], self._index[p], period)
+        if side == "shard" and group["projector"] == "rsvd":  # no gather: one n x k all-reduce per iteration
+            sharded.refresh_rsvd(orient(p.grad, side), state, self._rank(p, group), group["oversample"],
+                                 group["power_iters"], seed)
+        else:
+            with sharded.plain_as_replicated(gt):
+                proj.refresh(p.grad, state, seed, side)
+        return old
 
     def _project_and_apply(self, p: torch.Tensor, gt: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                            inner: InnerRule, proj: Projector, d: int, refresh: bool, old: torch.Tensor | None) -> None:
@@ -451,6 +465,18 @@ class SplitOptimizer(torch.optim.Optimizer):
             pt.add_(gt, alpha=-lr * rls * c)
 
     # ------------------------------------------------------------------------------------------- memory
+    def enter_period(self, period: int) -> None:
+        """Make every parameter's next update the first of ``period``: update ``period * update_gap`` of its group
+        (less ``block_phase`` for block selectors, whose first period is shorter); the state is left as it is. For
+        the planner (``rankwise.plan(..., period=)``), whose meta steps visit periods 0..``period`` this way, one
+        step each, so that the state counted is the state of ``period`` (its blocks; under ``moments="keep"`` those
+        of every earlier period too) — never used in training."""
+        for group in self.param_groups:
+            gap = group["update_gap"]
+            phase = min(group["block_phase"], gap - 1) if group["projector"] in BLOCK_SELECTORS else 0
+            for p in group["params"]:
+                self.state[p]["updates"] = max(0, period * gap - phase)
+
     def expected_state_bytes(self, period: int = 0) -> int:
         """Optimizer-state bytes from shapes alone (works on ``device="meta"``), for the selection of ``period``.
 

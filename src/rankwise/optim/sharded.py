@@ -14,6 +14,13 @@ back-projection Q u    n x m_i            ``Shard(1)`` (= W's rows)    none
 Fira column stats      m_i                ``Shard(0)``, one per row    one scalar all-reduce
 =====================  =================  ===========================  ========================
 
+``basis="sharded"`` (``BASES``) keeps Q as a ``Shard(0)`` DTensor instead (n_i = n/N rows per rank, ``torch.chunk``
+sizes when N does not divide n: rank 0 holds ceil(n/N) rows, the last ones fewer or none), so that the state per rank
+is the single-process state / N (``Replicate`` costs n r on every rank). The step that uses Q all-gathers it (n x r
+per matrix: r/m of FSDP's own all-gather of that weight), uses the whole, and keeps only its local rows again
+(``whole_basis``); a refresh's replicated result is sliced, no communication. The gathered Q is the stored Q
+bit for bit, so both options compute the same numbers.
+
 DTensor's sharding rules keep every one of those products local (Replicate @ Shard(1) -> Shard(1)); the state is
 ``DTensor`` throughout, so ``torch.distributed.checkpoint`` saves it and reshards it to another world size. Fira's
 statistics are norms over each column of Gt, i.e. over each *row* of G: along the sharded axis every rank holds whole
@@ -29,11 +36,16 @@ shared seed (every rank draws the same basis).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from ..errors import RankwiseError
+
 State = dict
+# where the basis Q of ``side="shard"`` lives between steps under FSDP2 (module docstring)
+BASES = ("replicated", "sharded")
+BASIS_PROJECTORS = ("svd", "rsvd")  # the projectors that store a basis tensor
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -47,6 +59,41 @@ def plain_as_replicated(t: torch.Tensor) -> contextlib.AbstractContextManager:
     from torch.distributed.tensor.experimental import implicit_replication
 
     return implicit_replication()
+
+
+def check_basis(basis: str, side: str, projector: str) -> None:
+    """``basis`` is valid and applies: ``sharded`` needs ``side="shard"`` and a projector that stores a basis."""
+    if basis not in BASES:
+        raise RankwiseError(f"unknown basis {basis!r}; valid: {', '.join(BASES)}")
+    if basis == "sharded" and side != "shard":
+        raise RankwiseError(f"basis='sharded' shards the right basis of side='shard' over the ranks, but side is "
+                            f"{side!r}: pass side='shard' too (under side='auto' FSDP already keeps the basis "
+                            "sharded between steps, and gathers it with the gradient at every step)")
+    if basis == "sharded" and projector not in BASIS_PROJECTORS:
+        raise RankwiseError(f"basis='sharded' shards a stored basis, and projector {projector!r} stores none (only "
+                            f"{' and '.join(BASIS_PROJECTORS)} do): drop the basis option")
+
+
+@contextlib.contextmanager
+def whole_basis(state: State, keep: str | None, needed: bool = True) -> Iterator[None]:
+    """Inside: ``state["basis"]`` whole on every rank (a sharded DTensor basis is all-gathered, n x r; if not
+    ``needed``, e.g. before an SVD refresh replaces it, it is dropped instead). On exit a DTensor basis is stored as
+    ``keep`` says: ``sharded`` -> ``Shard(0)``, this rank's rows (a copy: the whole one is freed; no communication),
+    ``replicated`` -> whole. ``keep=None`` (``side="auto"``) and plain tensors (one process, DDP): untouched."""
+    basis = state.get("basis")
+    if keep is not None and basis is not None and is_dtensor(basis) and not basis.placements[0].is_replicate():
+        from torch.distributed.tensor import Replicate
+
+        if needed:
+            state["basis"] = basis.redistribute(basis.device_mesh, [Replicate()])
+        else:
+            del state["basis"]
+    yield
+    basis = state.get("basis")
+    if keep == "sharded" and basis is not None and is_dtensor(basis) and basis.placements[0].is_replicate():
+        from torch.distributed.tensor import Shard
+
+        state["basis"] = basis.redistribute(basis.device_mesh, [Shard(0)])
 
 
 def range_finder(gt: torch.Tensor, rank: int, oversample: int, power_iters: int, warm: torch.Tensor | None,
