@@ -55,8 +55,8 @@ def test_budget_keeps_only_methods_that_fit_the_planner():
     cfg = BenchConfig(methods=["full", "lowrank:rank=8"])
     preset, entries = resolve(cfg)
     configs = {e.label: train_config(preset, e, cfg) for e in entries}
-    full = planned_bytes("mini", "full", {}, 8, 128, "bf16", 2048)  # the tiny bench: mini model, 8 x 128 tokens
-    low = planned_bytes("mini", "lowrank", {"rank": 8}, 8, 128, "bf16", 2048)
+    full = planned_bytes("mini", "full", {}, 8, 128, preset.dtype, 2048)  # the tiny bench: mini model, 8 x 128 tokens
+    low = planned_bytes("mini", "lowrank", {"rank": 8}, 8, 128, preset.dtype, 2048)
     # the planner's weights + gradients + AdamW state: the difference is exactly 4 + 4 + 8 bytes per parameter saved
     n_full = count_params(build_model("mini", vocab_size=2048, device="meta"))[0]
     n_low = count_params(methods.get("lowrank", rank=8).prepare(build_model("mini", vocab_size=2048,
