@@ -44,7 +44,7 @@ from .data import Batches, LabeledBatch, TokenizedCorpus, prepare, target_count
 from .errors import NonFiniteError, RankwiseError
 from .loggers import MetricLogger, check_logger
 from .methods import Method, OptimConfig
-from .metrics import PeakMemory, optimizer_state_bytes
+from .metrics import PeakMemory
 from .models import PRESETS, TRAIN_CONFIG, build_model, count_params, load_pretrained, max_positions, model_tokenizer
 
 log = logging.getLogger("rankwise")
@@ -545,8 +545,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         if cfg.stop_at is not None and cfg.stop_at <= state["step"]:
             raise RankwiseError(f"stop_at {cfg.stop_at} is not after the checkpoint's step {state['step']}")
     device = resolve_device(cfg.device)
-    dist = distributed.setup(cfg.parallel, cfg.batch_size, device)  # None in a single process
-    device = dist.device if dist else device
+    par = distributed.setup(cfg.parallel, cfg.batch_size, device)  # one process, DDP or FSDP: the loop calls it alike
+    device = par.device
     warn_slow_bf16(device, cfg.dtype)
     corpus = corpus or prepare(cfg.data, cfg.vocab_size, tokenizer=_tokenizer_for(cfg))
     train_data = corpus.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.pack)
@@ -554,7 +554,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
 
     model = _build_model(cfg, model, method, corpus.vocab_size, train_data, device)
     model.train()
-    engine = distributed.wrap(model, dist)  # what forward/backward run through (DDP, or model sharded in place)
+    engine = par.wrap(model)  # what forward/backward run through (the model, DDP around it, or it sharded in place)
     optimizer = method.build_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -565,7 +565,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     start, initial_eval, train_time, tokens_done, pending = 0, None, 0.0, 0, None
     if state is not None:
         try:
-            distributed.load(dist, model, optimizer, state, cfg.resume)
+            par.load(model, optimizer, state, cfg.resume)
             scheduler.load_state_dict(state["scheduler"])
             method.load_state_dict(state["method"])
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
@@ -586,16 +586,16 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         start, initial_eval = state["step"], state["initial_eval_loss"]
         train_time, tokens_done = state["train_time"], state["tokens"]
         pending = state.get("pending_row")  # the row of the checkpoint's step, if its eval/record was interrupted
-    out = _Output(cfg.out if dist is None or dist.main else None, start, clear=cfg.overwrite and state is None,
+    out = _Output(cfg.out if par.main else None, start, clear=cfg.overwrite and state is None,
                   keep_sharded=state.get("sharded") if state is not None and resuming_here else None)
-    if state is not None and not resuming_here and (dist is None or dist.main):
+    if state is not None and not resuming_here and par.main:
         clean_stale(cfg.resume)  # debris of the earlier run's killed writes
     out.write_json(TRAIN_CONFIG, _describe(cfg, method))
     if out.dir:
         corpus.save_tokenizer(out.dir)
     guard = _SigintGuard()
     logger = (MetricLogger(cfg.log, cfg.log_dir or cfg.out, asdict(cfg))
-              if cfg.log and (dist is None or dist.main) else None)
+              if cfg.log and par.main else None)
     if initial_eval is None:
         initial_eval = evaluate(model, eval_data, device, cfg.dtype)
         if not math.isfinite(initial_eval):
@@ -609,7 +609,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
             logger.log({"step": 0, "eval_loss": initial_eval, "eval_ppl": perplexity(initial_eval)})
 
     saved = start  # the step of the checkpoint on disk (0: none yet, or the one resumed from)
-    writes = bool(cfg.out) and (out.dir is not None or dist is not None)  # this run writes checkpoints
+    writes = bool(cfg.out)  # this run writes checkpoints (every rank takes part)
     skipped: list[int] = []
 
     def save(step: int, rng: dict[str, Any] | None = None, pending_row: dict[str, Any] | None = None) -> None:
@@ -618,7 +618,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         if not writes:
             return
         bad = first_nonfinite(model.state_dict().items())
-        if dist is not None and distributed.mean(float(bad is not None), dist) > 0:  # every rank decides alike
+        if par.any(bad is not None):  # every rank decides alike
             bad = bad or "a weight shard of another rank"
         if bad is not None:
             raise NonFiniteError(f"not saving step {step}: {bad} holds NaN/inf (the checkpoint of step {saved} "
@@ -628,11 +628,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                    "initial_eval_loss": initial_eval, "train_time": train_time, "tokens": tokens_done,
                    "config": asdict(cfg), "pending_row": pending_row}
         with guard.critical():
-            if dist is not None and cfg.out:
-                distributed.save(dist, model, optimizer, payload, Path(cfg.out), step)
-            elif out.dir:
-                ckpt.save_atomic({**payload, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                                 out.dir / ckpt.CHECKPOINT_FILE)
+            par.save(model, optimizer, payload, Path(cfg.out), step)
             saved = step
 
     history: list[dict[str, Any]] = []
@@ -679,13 +675,13 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                 loss_sum, bad = 0.0, None
                 for micro in range(cfg.grad_accum):
                     batch = train_data.train_batch((step - 1) * cfg.grad_accum + micro)
-                    batch = distributed.shard_batch(batch, dist).to(device)
+                    batch = par.shard_batch(batch).to(device)
                     with autocast(device, cfg.dtype):
                         loss = lm_loss(engine, batch)
                         aux = method.aux_loss(model)
                     total_loss = loss if aux is None else loss + aux
                     if layerwise:  # the hooks update the weights during backward: check first, then commit
-                        if not math.isfinite(distributed.mean(total_loss.item(), dist)):
+                        if not math.isfinite(par.mean(total_loss.item())):
                             bad, loss_sum = "loss", loss_sum + loss.item()
                             break
                         if committed is not None:
@@ -694,12 +690,12 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                         optimizer.accumulating = micro < cfg.grad_accum - 1  # update on the last micro-batch only
                     (total_loss / cfg.grad_accum).backward()
                     loss_sum += loss.item()
-                loss_sum = distributed.mean(loss_sum, dist)
+                loss_sum = par.mean(loss_sum)
                 grad_norm = None
                 if bad is None and any(p.grad is not None for p in params):
                     # = clip_grad_norm_, split so that a non-finite norm is seen before it spreads to every grad
                     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                    grad_norm = distributed.scalar(norm, dist)
+                    grad_norm = par.scalar(norm)
                 if bad is None and not math.isfinite(loss_sum):
                     bad = "loss"
                 if bad is None and grad_norm is not None and not math.isfinite(grad_norm):
@@ -717,7 +713,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
                     guard.enter()
                 if bad is None:
                     optimizer.step()
-                    distributed.reshard_state(optimizer, dist)
+                    par.after_step(optimizer)
                 else:
                     skipped.append(step)
                 scheduler.step()
@@ -768,8 +764,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
         "final_train_loss": history[-1]["loss"] if history else None,
         "tokens": tokens_done, "tokens_per_s": tokens_done / train_time if train_time else None,
         "peak_mem_bytes": peak.peak, "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_delta",
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer) if dist is None else
-        distributed.local_state_bytes(optimizer),
+        "optimizer_state_bytes": par.state_bytes(optimizer),
         "trainable_params": trainable, "total_params": total,
         "config": _describe(cfg, method),
     }
@@ -778,8 +773,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     if history and eval_loss >= initial_eval:
         log.warning("the eval loss did not go down (%.4f -> %.4f): check --lr (%g; too high flattens the loss at "
                     "ln(vocab)) and --warmup-steps", initial_eval, eval_loss, cfg.lr)
-    if dist is not None:
-        metrics.update(world_size=dist.world, parallel=dist.mode)
+    metrics.update(par.describe())
     out.write_json("metrics.json", metrics)
     if logger is not None:
         logger.finish(metrics)

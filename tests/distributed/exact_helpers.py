@@ -107,3 +107,59 @@ def worker(rank: int, world: int, port: int, run_dir: str, result_path: str, met
             torch.save(results, result_path)
     finally:
         dist.destroy_process_group()
+
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Every optimizer-state entry as a whole tensor (DTensors gathered), keyed by parameter name and entry."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        for key, v in optimizer.state.get(p, {}).items():
+            out[f"{name}/{key}"] = ((v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                                    if isinstance(v, torch.Tensor) else v)
+    return out
+
+
+def restore(run_dir: str, **overrides) -> tuple[dict, dict]:
+    """What ``train(..., resume=run_dir)`` holds right after loading the checkpoint, before its first step: the
+    model and optimizer built as ``train`` builds them, then ``Parallelism.load``."""
+    from rankwise import checkpoint as ckpt
+    from rankwise import distributed
+    from rankwise import methods as methods_mod
+    from rankwise.data import prepare
+    from rankwise.methods import OptimConfig
+    from rankwise.train import _build_model
+
+    cfg = config(parallel="fsdp", **overrides)
+    par = distributed.setup(cfg.parallel, cfg.batch_size, torch.device("cpu"))
+    method = methods_mod.get(cfg.method, **cfg.method_options)
+    model = _build_model(cfg, None, method, prepare(vocab_size=cfg.vocab_size).vocab_size, None, par.device)
+    par.wrap(model)
+    optimizer = method.build_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.betas))
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # as train's: the groups get their initial_lr
+    par.load(model, optimizer, ckpt.load(run_dir), run_dir)
+    return full_state(model), optimizer_state(model, optimizer)
+
+
+def run(overrides: dict) -> tuple[list[float], dict, dict]:
+    """(losses, whole weights, whole optimizer state) of one ``train`` under FSDP, or of a ``restore`` (no losses)
+    when ``overrides`` names ``restore``."""
+    overrides = dict(overrides)
+    if "restore" in overrides:
+        return ([], *restore(overrides.pop("restore"), **overrides))
+    res = train(config(parallel="fsdp", **overrides))
+    return losses(res), full_state(res.model), optimizer_state(res.model, res.optimizer)
+
+
+def run_worker(rank: int, world: int, port: int, result_path: str, runs: dict[str, dict]) -> None:
+    """``run`` each of ``runs`` (name -> overrides) in order on ``world`` gloo processes; rank 0 saves the results."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = {name: run(overrides) for name, overrides in runs.items()}
+        if rank == 0:
+            torch.save(out, result_path)
+    finally:
+        dist.destroy_process_group()
