@@ -9,13 +9,14 @@ Per design, per rank, side by side in one launch per world size:
   (forward + backward: parameter all-gathers, gradient reduce-scatters) and the optimizer's, on a step without
   refresh and on a refresh step;
 - optimizer state per rank (exact, local shards) and / single-process state;
-- peak RSS growth of the optimizer step (CPU, approximate: sampled every 5 ms);
+- peak memory of the optimizer step: the most bytes allocated at once above the step's start, from the profiler's
+  allocation timeline (``torch.profiler``, ``profile_memory``; an op's own transients are netted) on one extra step
+  without refresh, not timed;
 - step time (optimizer only, median), as a ratio to ``torch.optim.AdamW`` (foreach) stepping the same sharded model.
 
 Model: the ``small`` preset's shapes (hidden 512, FFN 1376: every projected matrix >= 512 x 512), ``--layers``
-decoder layers, vocab 2048. The machine this was run on was loaded (2 cores shared with other jobs): its times are
-not speed claims, re-measure with the command above on an idle machine. Bytes and state are exact whatever the
-load.
+decoder layers, vocab 2048. Bytes and state are exact; step times are milliseconds on gloo and move by ~30% between
+identical runs on a 2-core CPU (docs/distributed.md has a measured table).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from rankwise.commcount import CommCounter  # noqa: E402
-from rankwise.distributed import Dist, free_port, local_state_bytes, reshard_state  # noqa: E402
-from rankwise.metrics import PeakMemory, optimizer_state_bytes  # noqa: E402
+from rankwise.distributed import FSDP, free_port  # noqa: E402
+from rankwise.metrics import optimizer_state_bytes  # noqa: E402
 
 DESIGNS = {"all-gather (side=auto, svd)": dict(side="auto", projector="svd"),
            "shard-local (side=shard, svd)": dict(side="shard", projector="svd"),
@@ -66,27 +67,51 @@ def _loss(model, batch):
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
+def step_peak(fn) -> int:
+    """Bytes: the peak of the running total of what ``fn``'s profiled ops allocate and free (CPU tensors). Each op's
+    own net bytes count from its start when it allocates, from its end when it frees (a wrapper such as
+    ``Optimizer.step`` frees its temporaries after its children ran)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+                    for e in prof.events() if e.self_cpu_memory_usage)
+    now = peak = 0
+    for _, delta in deltas:
+        now += delta
+        peak = max(peak, now)
+    return peak
+
+
 def _measure(make_opt, args, rank: int, world: int) -> dict:
     model = _shard(_model(args.layers), world)
     opt = make_opt(model)
-    d = Dist(rank, world, "fsdp", torch.device("cpu"))
+    par = FSDP(torch.device("cpu"), rank, world)  # what the training loop calls after each step
     g = torch.Generator().manual_seed(0)
-    rows = []
-    for step in range(args.steps):
+    rows, peak = [], 0
+
+    def step() -> None:
+        opt.step()
+        par.after_step(opt)
+
+    for i in range(args.steps + 1):  # the last one: the memory profile
         batch = torch.randint(0, 2048, (args.batch, args.seq + 1), generator=g).chunk(world)[rank]
         with CommCounter() as fsdp_comm:
             _loss(model, batch).backward()
         dist.barrier()
-        with PeakMemory(torch.device("cpu")) as peak, CommCounter() as opt_comm:
-            t0 = time.perf_counter()
-            opt.step()
-            reshard_state(opt, d)
-            dt = time.perf_counter() - t0
+        if i == args.steps:
+            peak = step_peak(step)
+        else:
+            with CommCounter() as opt_comm:
+                t0 = time.perf_counter()
+                step()
+                dt = time.perf_counter() - t0
+            rows.append({"fsdp_bytes": fsdp_comm.bytes, "opt_bytes": opt_comm.bytes,
+                         "opt_counts": dict(opt_comm.counts), "time": dt})
         opt.zero_grad(set_to_none=True)
-        rows.append({"fsdp_bytes": fsdp_comm.bytes, "opt_bytes": opt_comm.bytes, "opt_counts": dict(opt_comm.counts),
-                     "time": dt, "peak": peak.peak})
-    return {"refresh": rows[0], "steady": rows[1:], "state_local": local_state_bytes(opt),
-            "state_global": optimizer_state_bytes(opt)}
+    return {"refresh": rows[0], "steady": rows[1:], "state_local": par.state_bytes(opt),
+            "state_global": optimizer_state_bytes(opt), "peak": peak}
 
 
 def worker(rank: int, world: int, port: int, args, path: str) -> None:
@@ -139,13 +164,13 @@ def main() -> None:
         base = statistics.median(r["time"] for r in report[world]["AdamW (torch, foreach)"]["steady"])
         print(f"\nworld {world} (per rank 0; MiB = 2^20 bytes)")
         print("| design | FSDP bytes/step | optimizer bytes/step | optimizer bytes at refresh | state/rank | "
-              "state/rank x world / single | step peak RSS | step time / AdamW |")
+              "state/rank x world / single | step peak | step time / AdamW |")
         print("|---|---|---|---|---|---|---|---|")
         for name, r in report[world].items():
             steady = r["steady"]
             opt_bytes = statistics.median(s["opt_bytes"] for s in steady)
             t = statistics.median(s["time"] for s in steady)
-            peak = max(s["peak"] for s in steady)
+            peak = r["peak"]
             print(f"| {name} | {steady[0]['fsdp_bytes'] / 2**20:.2f} MiB | {opt_bytes / 2**20:.3f} MiB | "
                   f"{r['refresh']['opt_bytes'] / 2**20:.2f} MiB | {r['state_local'] / 2**20:.2f} MiB | "
                   f"{r['state_local'] * world / single[name]:.3f} | {peak / 2**20:.1f} MiB | {t / base:.2f} |")
