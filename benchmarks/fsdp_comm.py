@@ -5,7 +5,8 @@ all-gather per matrix and step).
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/fsdp_comm.py --world 2 4 --layers 2 --steps 3
 
 Per design, per rank, side by side in one launch per world size:
-- bytes communicated per step, counted by wrapping the collectives (``rankwise.commcount.CommCounter``): FSDP2's own
+- bytes communicated per step, counted by wrapping the collectives (``rankwise.commcount.CommCounter``: the bytes
+  given to them, and what a rank sends under the ring algorithms, which compares all-gathers with all-reduces): FSDP2's own
   (forward + backward: parameter all-gathers, gradient reduce-scatters) and the optimizer's, on a step without
   refresh and on a refresh step;
 - optimizer state per rank (exact, local shards) and / single-process state;
@@ -107,7 +108,8 @@ def _measure(make_opt, args, rank: int, world: int) -> dict:
                 t0 = time.perf_counter()
                 step()
                 dt = time.perf_counter() - t0
-            rows.append({"fsdp_bytes": fsdp_comm.bytes, "opt_bytes": opt_comm.bytes,
+            rows.append({"fsdp_bytes": fsdp_comm.bytes, "opt_bytes": opt_comm.bytes, "fsdp_wire": fsdp_comm.wire_bytes,
+                         "opt_wire": opt_comm.wire_bytes,
                          "opt_counts": dict(opt_comm.counts), "time": dt})
         opt.zero_grad(set_to_none=True)
     return {"refresh": rows[0], "steady": rows[1:], "state_local": par.state_bytes(opt),
@@ -166,14 +168,19 @@ def main() -> None:
         print("| design | FSDP bytes/step | optimizer bytes/step | optimizer bytes at refresh | state/rank | "
               "state/rank x world / single | step peak | step time / AdamW |")
         print("|---|---|---|---|---|---|---|---|")
+        mib = 2 ** 20
         for name, r in report[world].items():
-            steady = r["steady"]
+            steady, refresh = r["steady"], r["refresh"]
             opt_bytes = statistics.median(s["opt_bytes"] for s in steady)
+            opt_wire = statistics.median(s["opt_wire"] for s in steady)
             t = statistics.median(s["time"] for s in steady)
-            peak = r["peak"]
-            print(f"| {name} | {steady[0]['fsdp_bytes'] / 2**20:.2f} MiB | {opt_bytes / 2**20:.3f} MiB | "
-                  f"{r['refresh']['opt_bytes'] / 2**20:.2f} MiB | {r['state_local'] / 2**20:.2f} MiB | "
-                  f"{r['state_local'] * world / single[name]:.3f} | {peak / 2**20:.1f} MiB | {t / base:.2f} |")
+            print(f"| {name} | {steady[0]['fsdp_bytes'] / mib:.2f} / {steady[0]['fsdp_wire'] / mib:.2f} MiB | "
+                  f"{opt_bytes / mib:.3f} / {opt_wire / mib:.3f} MiB | "
+                  f"{refresh['opt_bytes'] / mib:.2f} / {refresh['opt_wire'] / mib:.2f} MiB | "
+                  f"{r['state_local'] / mib:.2f} MiB | {r['state_local'] * world / single[name]:.3f} | "
+                  f"{r['peak'] / mib:.1f} MiB | {t / base:.2f} |")
+        print("bytes: given to the collectives / sent by this rank under the ring algorithms "
+              "(rankwise.commcount.CommCounter)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

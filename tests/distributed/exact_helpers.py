@@ -25,6 +25,9 @@ METHODS = {
                                                                  "basis": "sharded"}),
     "galore_rsvd_shard_basis": dict(method="galore", method_options={"rank": 8, "update_gap": 2, "side": "shard",
                                                                       "projector": "rsvd", "basis": "sharded"}),
+    # APOLLO's channel / tensor-wise scaling on the shard-local side: only scalar all-reduces (the norms)
+    "apollo_shard": dict(method="apollo", method_options={"rank": 8, "update_gap": 2, "side": "shard"}),
+    "apollo_mini_shard": dict(method="apollo-mini", method_options={"update_gap": 2, "side": "shard"}),
     # layer-wise updates in FSDP2's post-reduce-scatter hooks, on the last of 2 micro-batches (no clipping possible)
     "galore_layerwise": dict(method="galore", grad_accum=2, grad_clip=0.0,
                              method_options={"rank": 8, "update_gap": 2, "side": "shard", "layerwise": True}),
@@ -47,7 +50,7 @@ class StepComm:
         def step(opt, closure=None):
             with CommCounter() as comm:
                 out = original(opt, closure)
-            record.append((dict(comm.counts), comm.bytes))
+            record.append((dict(comm.counts), comm.bytes, comm.wire_bytes))
             return out
 
         SplitOptimizer.step = step

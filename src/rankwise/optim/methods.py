@@ -84,7 +84,8 @@ def fira(rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector:
 @register("apollo", "optim", "APOLLO: the raw gradient scaled per channel by a random-projection low-rank Adam's ratio")
 def apollo(rank: int = 256, update_gap: int = 200, scale: float = 1.0, projector: str = "gaussian",
            residual: str = "apollo", moments: str = "keep", inner: str = "adamw_hf", eps: float | None = None,
-           layerwise: bool = False, include_embeddings: bool = False, seed: int = 0, stagger: bool = False) -> Method:
+           layerwise: bool = False, include_embeddings: bool = False, seed: int = 0, stagger: bool = False,
+           side: str = "auto") -> Method:
     """apollo-torch's ``APOLLOAdamW`` with ``scale_type="channel"`` (arXiv 2412.05270): ``scale`` is its ``scale``
     (the update is multiplied by sqrt(scale)); ``residual="apollo_tensor"`` is its tensor-wise scaling."""
     return SplitMethod("apollo", **locals())
@@ -94,7 +95,7 @@ def apollo(rank: int = 256, update_gap: int = 200, scale: float = 1.0, projector
 def apollo_mini(rank: int = 1, update_gap: int = 200, scale: float = 128.0, projector: str = "gaussian",
                 residual: str = "apollo_tensor", moments: str = "keep", inner: str = "adamw_hf",
                 eps: float | None = None, layerwise: bool = False, include_embeddings: bool = False,
-                seed: int = 0, stagger: bool = False) -> Method:
+                seed: int = 0, stagger: bool = False, side: str = "auto") -> Method:
     """apollo-torch's ``APOLLOAdamW`` with ``scale_type="tensor"``, rank 1, scale 128 (the update times sqrt(128))."""
     return SplitMethod("apollo-mini", **locals())
 
