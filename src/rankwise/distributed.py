@@ -60,6 +60,9 @@ class Parallelism:
         """Whether this process writes the run's files (metrics, logs, config, the checkpoint's commit point)."""
         return self.rank == 0
 
+    def check(self, method: Any) -> None:
+        """Refuse, before anything is built or written, a method this strategy cannot run."""
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to run forward/backward through."""
         return model
@@ -150,6 +153,12 @@ class FSDP(DDP):
     ``torch.distributed.checkpoint``, every rank writing its shards."""
 
     mode = "fsdp"
+
+    def check(self, method: Any) -> None:
+        reason = method.fsdp_refusal()
+        if reason is not None:
+            raise RankwiseError(f"--parallel fsdp cannot run --method {method.name}: {reason}; or keep the method "
+                                "and use --parallel ddp")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh

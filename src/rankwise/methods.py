@@ -85,6 +85,11 @@ class Method:
         """Values the method chose for options given as ``None`` (e.g. an adapter's ``r`` defaults to 8)."""
         return {}
 
+    def fsdp_refusal(self) -> str | None:
+        """Why this method cannot run on FSDP2-sharded (``DTensor``) parameters, and what to do instead; ``None``
+        when it can (every registered method is run under FSDP by ``tests/distributed/test_fsdp_methods.py``)."""
+        return None
+
 
 @dataclass(frozen=True)
 class MethodInfo:

@@ -547,6 +547,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, method: Method | Non
     device = resolve_device(cfg.device)
     par = distributed.setup(cfg.parallel, cfg.batch_size, device)  # one process, DDP or FSDP: the loop calls it alike
     device = par.device
+    par.check(method)
     warn_slow_bf16(device, cfg.dtype)
     corpus = corpus or prepare(cfg.data, cfg.vocab_size, tokenizer=_tokenizer_for(cfg))
     train_data = corpus.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.pack)

@@ -166,3 +166,22 @@ def run_worker(rank: int, world: int, port: int, result_path: str, runs: dict[st
             torch.save(out, result_path)
     finally:
         dist.destroy_process_group()
+
+
+def method_worker(rank: int, world: int, port: int, result_path: str, runs: dict[str, dict]) -> None:
+    """Train each of ``runs`` under FSDP; rank 0 saves its losses, or the ``RankwiseError`` that refused it."""
+    from rankwise.errors import RankwiseError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = {}
+        for name, overrides in runs.items():
+            try:
+                out[name] = losses(train(config(parallel="fsdp", **overrides)))
+            except RankwiseError as e:
+                out[name] = str(e)
+        if rank == 0:
+            torch.save(out, result_path)
+    finally:
+        dist.destroy_process_group()

@@ -60,6 +60,13 @@ class AdapterMethod(Method):
         self.calibration_batches = calibration_batches
         self.grads: dict[str, torch.Tensor] | None = None
 
+    def fsdp_refusal(self) -> str | None:
+        if self.correction in ("lora-pro", "altlora"):
+            instead = "lora-pro-lite" if self.correction == "lora-pro" else "lora"
+            return (f"{self.correction}'s optimizer combines the factors with plain tensors of its own (not DTensor "
+                    f"shards); --method {instead} runs under FSDP")
+        return None
+
     def resolved_options(self) -> dict[str, Any]:
         return {"r": self.apply_options["r"]}
 
@@ -106,6 +113,10 @@ class AdaLoRAMethod(AdapterMethod):
         self.allocator: AdaLoRAAllocator | None = None
         if schedule["total_step"] is not None:
             check_schedule(common["r"], schedule)
+
+    def fsdp_refusal(self) -> str | None:
+        return ("its budget allocator masks the singular values with whole (not DTensor) tensors; --method lora "
+                "or dora runs under FSDP")
 
     def set_total_steps(self, steps: int) -> None:
         if self.schedule["total_step"] is None:

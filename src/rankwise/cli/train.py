@@ -150,10 +150,15 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise RankwiseError(f"--nproc must be a positive integer, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from ..distributed import check_batch, launch
+        import torch
+
+        from ..distributed import STRATEGIES, check_batch, launch
+        from ..methods import get
 
         cfg.validate()
         check_batch(cfg.batch_size, args.nproc)
+        # what every worker would refuse, refused once here, before any process starts
+        STRATEGIES[cfg.parallel](torch.device("cpu"), 0, args.nproc).check(get(cfg.method, **cfg.method_options))
         m = launch(args.nproc, train_metrics, cfg)
     else:
         m = train(cfg).metrics

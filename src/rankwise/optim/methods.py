@@ -37,6 +37,16 @@ class SplitMethod(Method):
         self.preset = preset
         self.optimizer_options = options
 
+    def fsdp_refusal(self) -> str | None:
+        option = lambda k: self.optimizer_options.get(k, PRESETS[self.preset].get(k))  # noqa: E731
+        if option("state_bits"):
+            return ("its low-bit optimizer state is quantized by bitsandbytes / torchao kernels, which take whole "
+                    "tensors, not DTensor shards; drop state_bits (32-bit state)")
+        if option("residual") == "apollo_tensor" and option("side") != "shard":
+            return ("its tensor-wise scaling updates a row-sharded weight in place across shards; pass "
+                    "--opt side=shard (shard-local: the same rule, only scalar all-reduces)")
+        return None
+
     def build_optimizer(self, model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
         options = dict(self.optimizer_options)
         include_embeddings = options.pop("include_embeddings", False)

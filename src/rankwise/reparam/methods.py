@@ -150,6 +150,10 @@ class SSTMethod(ReparamMethod):
     (seed, layer, step), so resume is exact.
     """
 
+    def fsdp_refusal(self) -> str | None:
+        return ("its re-SVD and singular-vector projection normalize across the rows FSDP splits; --method lost or "
+                "sltrain runs under FSDP")
+
     def __init__(self, rank: int, resample_every: int, resamples_per_svd: int | None, uniform_mix: float,
                  enhanced_gradient: bool, seed: int, target: str):
         if resample_every < 1:
@@ -223,6 +227,10 @@ class SwitchLoRAMethod(ReparamMethod):
     gradients of frozen slices are zeroed. The optimizer is ``SliceAdamW`` (per-row step for ``A``, per-column for
     ``B``). The generator and the step count are the method's state; pools, slots and counters are model buffers.
     """
+
+    def fsdp_refusal(self) -> str | None:
+        return ("its switches index candidate pools of whole (not DTensor) tensors; --method relora runs under "
+                "FSDP")
 
     def __init__(self, rank: int, alpha: float, interval: float, descent_steps: int, frozen_steps: int, seed: int,
                  target: str, full_rank_ends: int):
