@@ -6,9 +6,9 @@ all-gather per matrix and step).
 
 Per design, per rank, side by side in one launch per world size:
 - bytes communicated per step, counted by wrapping the collectives (``rankwise.commcount.CommCounter``: the bytes
-  given to them, and what a rank sends under the ring algorithms, which compares all-gathers with all-reduces): FSDP2's own
-  (forward + backward: parameter all-gathers, gradient reduce-scatters) and the optimizer's, on a step without
-  refresh and on a refresh step;
+  given to them, and what a rank sends under the ring algorithms, which compares all-gathers with all-reduces):
+  FSDP2's own (forward + backward: parameter all-gathers, gradient reduce-scatters) and the optimizer's, on a step
+  without refresh and on a refresh step;
 - optimizer state per rank (exact, local shards) and / single-process state;
 - peak memory of the optimizer step: the most bytes allocated at once above the step's start, from the profiler's
   allocation timeline (``torch.profiler``, ``profile_memory``; an op's own transients are netted) on one extra step
@@ -109,8 +109,7 @@ def _measure(make_opt, args, rank: int, world: int) -> dict:
                 step()
                 dt = time.perf_counter() - t0
             rows.append({"fsdp_bytes": fsdp_comm.bytes, "opt_bytes": opt_comm.bytes, "fsdp_wire": fsdp_comm.wire_bytes,
-                         "opt_wire": opt_comm.wire_bytes,
-                         "opt_counts": dict(opt_comm.counts), "time": dt})
+                         "opt_wire": opt_comm.wire_bytes, "opt_counts": dict(opt_comm.counts), "time": dt})
         opt.zero_grad(set_to_none=True)
     return {"refresh": rows[0], "steady": rows[1:], "state_local": par.state_bytes(opt),
             "state_global": optimizer_state_bytes(opt), "peak": peak}

@@ -8,8 +8,9 @@ Same arithmetic, op for op, as the per-param path, which stays both the referenc
   on the CPU the BLAS call, of the per-param product; ``Gaussian.handles`` stacks APOLLO's bases in that layout too)
   and rank: P^T Gt and P u as ``bmm`` on stacked gradients and bases, the inner rule on the (r, D) slices with
   foreach ops (on the CPU with the residual dropped, GaLore, each slice's own products instead: a CPU ``bmm`` is one
-  gemm per slice, so stacking the gradients only added a copy). Refreshes (one SVD per matrix, as the references take it, so the bases are theirs to the sign) and
-  moment init / reset / rotation stay per param: they happen once per ``update_gap``.
+  gemm per slice, so stacking the gradients only added a copy). Refreshes (one SVD per matrix, as the references
+  take it, so the bases are theirs to the sign) and moment init / reset / rotation stay per param: they happen once
+  per ``update_gap``.
 - residual rules on the stack: signSGD of Gt - P P^T Gt; the linear ones (sgd, and the ``GradientScaling`` rules
   fira, fira_exact, apollo, apollo_tensor) as P (a u - rls w g c) by ``bmm`` (when a or w is nonzero; APOLLO: neither)
   plus Gt * c by a foreach ``addcmul_``, c from ``ResidualRule.column_scales`` on the stack: column norms as
@@ -169,10 +170,11 @@ def _subspace(opt: SplitOptimizer, group: dict[str, Any], proj: Projector, inner
                 old[i] = proj.dense(proj.handle(state, gts[i]), d)
             proj.refresh(p.grad, state, proj.seed(state, group["seed"], opt._index[p], period))
     h = proj.handles(states, gts)  # (B, d, r)
-    if type(residual) is Drop and h.device.type == "cpu":
-        # GaLore on the CPU: only P^T Gt needs the gradient, and a bmm there is one gemm per slice anyway; the
-        # slices' own products skip stacking (a copy of every gradient: measured 4% of GaLore's step on tiny)
-        gt, lows = None, [h[i].t() @ gts[i] for i in range(len(gts))]
+    # GaLore on the CPU: only P^T Gt needs the gradient, and a bmm there is one gemm per slice anyway; the slices' own
+    # products skip stacking (a copy of every gradient: measured 4% of GaLore's step on tiny)
+    per_slice = type(residual) is Drop and h.device.type == "cpu"
+    if per_slice:
+        lows = [h[i].t() @ gts[i] for i in range(len(gts))]
     else:
         stacked = torch.stack(grads) if len(grads) > 1 else grads[0].unsqueeze(0)  # a batch of one: no copy
         gt = stacked.transpose(1, 2) if ps[0].shape[0] >= ps[0].shape[1] else stacked  # canonical, per-param strides
@@ -188,7 +190,7 @@ def _subspace(opt: SplitOptimizer, group: dict[str, Any], proj: Projector, inner
     u = torch.stack(inner.directions(lows, states, group))
     pts = [canonical(p) for p in ps]
     lr, a, rls = group["lr"], residual.inner_weight(group), group["residual_lr_scale"]
-    if gt is None:  # the CPU's GaLore above: the slices' own products again
+    if per_slice:
         torch._foreach_add_(pts, [h[i] @ u[i] for i in range(len(pts))], alpha=-lr * a)
     elif type(residual) is Drop:
         torch._foreach_add_(pts, list(torch.bmm(h, u).unbind(0)), alpha=-lr * a)
