@@ -97,6 +97,31 @@ def test_small_batches_are_the_same_step(monkeypatch):
         assert_same(run(name, options, True, steps=12)[0], run(name, options, False, steps=12)[0])
 
 
+@pytest.mark.parametrize("name,options", [("adamw", {"weight_decay": 0.1}), ("galore", {"rank": 8}), ("lisa", {}),
+                                          ("split", {"rank": 8, "inner": "sgd", "nesterov": True}),
+                                          ("split", {"rank": 8, "inner": "adam", "weight_decay": 0.1})])
+def test_tiled_whole_gradients_are_the_same_step(name, options, monkeypatch):
+    """On the CPU, plain params and selected blocks larger than ``CPU_FOREACH_NUMEL`` are updated tile by tile (here
+    1000 elements: the 128 x 32 embedding and head in five tiles, the last one ragged, LISA's active 80 x 32 blocks
+    in three): bit for bit the whole-tensor update, the step counted once per param."""
+    monkeypatch.setattr(batched, "CPU_FOREACH_NUMEL", 1000)
+    tiled = []
+    cut = batched._tiles
+
+    def counted(inner, ps, gs, states):
+        out = cut(inner, ps, gs, states)
+        tiled.append(len(out[0]) > len(ps))
+        return out
+
+    monkeypatch.setattr(batched, "_tiles", counted)
+    ours, opt = run(name, options, True, steps=12)
+    assert any(tiled)
+    ref, ref_opt = run(name, options, False, steps=12)
+    assert_same(ours, ref)
+    steps = [s["step"].item() for s in opt.state.values() if "step" in s]
+    assert steps == [s["step"].item() for s in ref_opt.state.values() if "step" in s] and max(steps) == 12
+
+
 @pytest.mark.parametrize("name,options", [("fira", {"rank": 8}), ("apollo", {"rank": 8}), ("apollo-mini", {})])
 def test_resume_from_a_per_param_checkpoint_is_bit_exact(name, options, monkeypatch):
     """A state saved by the per-param step (any existing checkpoint: bases or seeds, moments, limiter norms) resumes

@@ -3,7 +3,9 @@
 Same arithmetic, op for op, as the per-param path, which stays both the reference and the fallback:
 
 - plain params and block-selector params (selected: the inner rule; inactive: the residual rule on the whole
-  gradient): the rules' ``torch._foreach_*`` forms (``InnerRule.directions``), across shapes;
+  gradient): the rules' ``torch._foreach_*`` forms (``InnerRule.directions``), across shapes; on the CPU, params
+  larger than ``CPU_FOREACH_NUMEL`` in tiles of that many elements (``_tiles``: views, elementwise the same ops), and
+  the weight decay per foreach list (``_decayed``), so that each list's data stays in cache across the rule's ops;
 - projected matrices of one shape (in their own orientation, so each slice of a ``torch.bmm`` has the strides, and
   on the CPU the BLAS call, of the per-param product; ``Gaussian.handles`` stacks APOLLO's bases in that layout too)
   and rank: P^T Gt and P u as ``bmm`` on stacked gradients and bases, the inner rule on the (r, D) slices with
@@ -34,6 +36,7 @@ this module does not know.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,15 +46,18 @@ from .blocks import BLOCK_SELECTORS
 from .projectors import (PROJECTORS, SVD, Gaussian, Projector, RandomGaussian, RandomizedSVD, canonical,
                          make_projector)
 from .rules import (Adam, AdamW, AdamWHF, APOLLOScaling, APOLLOTensorScaling, Drop, FiraExactResidual, FiraResidual,
-                    InnerRule, ResidualRule, SGDMomentum, SGDResidual, SignSGDResidual, make_inner, make_residual)
+                    InnerRule, ResidualRule, SGDMomentum, SGDResidual, SignSGDResidual, State, make_inner,
+                    make_residual)
 
 if TYPE_CHECKING:
     from .optimizer import SplitOptimizer
 
 BATCH_NUMEL = 1 << 24  # elements per stacked gradient (64 MiB in fp32)
-# elements per foreach list on the CPU, where a foreach op is a loop of per-tensor kernels: a list that fits in cache
-# keeps its data there across the rule's ops (measured on the tiny preset: 1.5x slower with one list of everything)
-CPU_FOREACH_NUMEL = 1 << 16
+# elements per foreach list (and per tile of a larger param) on the CPU, where a foreach op is a loop of per-tensor
+# kernels: a list that fits in cache keeps its data there across the rule's ops (measured on the tiny preset: 1.5x
+# slower with one list of everything; adamw_hf on its 8192 x 256 embedding and head: 25 ms untiled, 10 / 8.5 / 7.4 ms
+# in tiles of 2^16 / 2^17 / 2^18, torch's AdamW(foreach) 16 ms, one thread; 2^17 fared best in the whole step)
+CPU_FOREACH_NUMEL = 1 << 17
 BATCHED_INNER = (Adam, AdamW, AdamWHF, SGDMomentum)
 BATCHED_RESIDUAL = (Drop, SGDResidual, SignSGDResidual, FiraResidual, FiraExactResidual, APOLLOScaling,
                     APOLLOTensorScaling)
@@ -64,21 +70,71 @@ def _plain(t: Any) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter)
 
 
+def _runs(sizes: list[int], numel: int) -> list[slice]:
+    """Consecutive runs of items of ``sizes`` elements with at most ``numel`` elements each (a larger item alone)."""
+    out: list[slice] = []
+    start, n = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and n + size > numel:
+            out.append(slice(start, i))
+            start, n = i, 0
+        n += size
+    return [*out, slice(start, len(sizes))] if sizes else out
+
+
 def _chunks(ps: list[torch.Tensor], numel: int) -> list[list[torch.Tensor]]:
     """Consecutive runs of ``ps`` with at most ``numel`` elements each (a larger tensor alone)."""
-    out: list[list[torch.Tensor]] = []
-    n = 0
-    for p in ps:
-        if not out or n + p.numel() > numel:
-            out.append([])
-            n = 0
-        out[-1].append(p)
-        n += p.numel()
-    return out
+    return [ps[r] for r in _runs([p.numel() for p in ps], numel)]
 
 
-def _foreach_chunks(ps: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    return _chunks(ps, CPU_FOREACH_NUMEL if ps and ps[0].device.type == "cpu" else BATCH_NUMEL)
+def _foreach_numel(ps: list[torch.Tensor]) -> int:
+    return CPU_FOREACH_NUMEL if ps and ps[0].device.type == "cpu" else BATCH_NUMEL
+
+
+def _tiles(inner: InnerRule, ps: list[torch.Tensor], gs: list[torch.Tensor], states: list[State]
+           ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[State], list[State]]:
+    """On the CPU, every (contiguous) param larger than ``CPU_FOREACH_NUMEL`` cut into tiles of that many elements:
+    views of the param, its gradient and its moments, each tile with a copy of the step count. An elementwise rule
+    updates a tile as it would the whole tensor, bit for bit, but the tile stays in cache across the rule's ops (a
+    whole embedding streams from memory once per op: measured 2-3x slower for AdamW on the tiny preset's 8192 x 256
+    embedding and head). Returns the tiles' params, gradients, states, and the states whose step the caller counts
+    (once) when all their tiles are done."""
+    n = CPU_FOREACH_NUMEL
+    if not ps or ps[0].device.type != "cpu":
+        return ps, gs, states, []
+    tp: list[torch.Tensor] = []
+    tg: list[torch.Tensor] = []
+    ts: list[State] = []
+    tiled: list[State] = []
+    for p, g, state in zip(ps, gs, states):
+        moments = {k: state[k] for k in inner.moments}
+        if p.numel() <= n or not all(t.is_contiguous() for t in (p, g, *moments.values())):
+            tp.append(p)
+            tg.append(g)
+            ts.append(state)
+            continue
+        views = p.view(-1).split(n)
+        tp += views
+        tg += g.view(-1).split(n)
+        cut = {k: m.view(-1).split(n) for k, m in moments.items()}
+        ts += [{"step": state["step"].clone(), **{k: c[i] for k, c in cut.items()}} for i in range(len(views))]
+        tiled.append(state)
+    return tp, tg, ts, tiled
+
+
+def _decayed(inner: InnerRule, group: dict[str, Any], ps: list[torch.Tensor], gs: list[torch.Tensor],
+             update: Callable[[list[torch.Tensor], list[torch.Tensor]], None]) -> None:
+    """``update(ps, gs)`` with the group's weight decay wd, as the per-param step applies it: added to the gradients
+    (``coupled_decay``: Adam, SGD), or ``p <- p (1 - lr wd)`` before the update (AdamW) or after it (``adamw_hf``).
+    Called per foreach list, so that a tile is decayed while it is in cache."""
+    lr, wd = group["lr"], group["weight_decay"]
+    if wd and inner.coupled_decay:
+        gs = torch._foreach_add(gs, ps, alpha=wd)
+    elif wd and not inner.decay_after:
+        torch._foreach_mul_(ps, 1 - lr * wd)
+    update(ps, gs)
+    if wd and inner.decay_after:
+        torch._foreach_add_(ps, ps, alpha=-lr * wd)
 
 
 def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -124,31 +180,26 @@ def batched_step(opt: SplitOptimizer, group: dict[str, Any], params: list[torch.
     done = plain + active + inactive + [p for ps in buckets.values() for p in ps]
     if not done:
         return rest
-    lr, wd = group["lr"], group["weight_decay"]
-    grads = [p.grad for p in done]
-    if wd and inner.coupled_decay:
-        grads = torch._foreach_add(grads, done, alpha=wd)
-    elif wd and not inner.decay_after:
-        torch._foreach_mul_(done, 1 - lr * wd)
-    g_of = dict(zip(done, grads))
+    lr = group["lr"]
     for ps, step_lr in ((plain, lr), (active, lr * group["scale"])):
-        for chunk in _foreach_chunks(ps):
-            states = [opt.state[p] for p in chunk]
-            gs = [g_of[p] for p in chunk]
-            for s, g in zip(states, gs):
-                if "step" not in s:
-                    inner.init(s, g)
-            inner.apply_(chunk, gs, states, group, step_lr)
-    for chunk in _foreach_chunks(inactive):
-        directions = WHOLE_RESIDUAL[type(residual)]([g_of[p] for p in chunk])
-        torch._foreach_add_(chunk, directions, alpha=-lr * group["residual_lr_scale"])
+        states = [opt.state[p] for p in ps]
+        for p, s in zip(ps, states):
+            if "step" not in s:
+                inner.init(s, p.grad)
+        tp, tg, ts, tiled = _tiles(inner, ps, [p.grad for p in ps], states)
+        for run in _runs([p.numel() for p in tp], _foreach_numel(tp)):
+            _decayed(inner, group, tp[run], tg[run], lambda p, g: inner.apply_(p, g, ts[run], group, step_lr))
+        if tiled:
+            torch._foreach_add_([s["step"] for s in tiled], 1)
+    for chunk in _chunks(inactive, _foreach_numel(inactive)):
+        _decayed(inner, group, chunk, [p.grad for p in chunk], lambda p, g: torch._foreach_add_(
+            p, WHOLE_RESIDUAL[type(residual)](g), alpha=-lr * group["residual_lr_scale"]))
     for (shape, rank, *_), ps in buckets.items():
         projector = make_projector(group["projector"], rank, **(
             {"power_iters": group["power_iters"], "oversample": group["oversample"]} if proj is RandomizedSVD else {}))
         for chunk in _chunks(ps, BATCH_NUMEL):
-            _subspace(opt, group, projector, inner, residual, chunk, [g_of[p] for p in chunk])
-    if wd and inner.decay_after:
-        torch._foreach_add_(done, done, alpha=-lr * wd)
+            _decayed(inner, group, chunk, [p.grad for p in chunk],
+                     lambda p, g: _subspace(opt, group, projector, inner, residual, p, g))
     for p in done:
         state = opt.state[p]
         state["updates"] = state.get("updates", 0) + 1
