@@ -56,7 +56,7 @@ BATCH_NUMEL = 1 << 24  # elements per stacked gradient (64 MiB in fp32)
 # elements per foreach list (and per tile of a larger param) on the CPU, where a foreach op is a loop of per-tensor
 # kernels: a list that fits in cache keeps its data there across the rule's ops (measured on the tiny preset: 1.5x
 # slower with one list of everything; adamw_hf on its 8192 x 256 embedding and head: 25 ms untiled, 10 / 8.5 / 7.4 ms
-# in tiles of 2^16 / 2^17 / 2^18, torch's AdamW(foreach) 16 ms, one thread; 2^17 fared best in the whole step)
+# in tiles of 2^16 / 2^17 / 2^18, torch's AdamW(foreach) 16 ms, one thread; 2^16-2^18 alike within noise in the step)
 CPU_FOREACH_NUMEL = 1 << 17
 BATCHED_INNER = (Adam, AdamW, AdamWHF, SGDMomentum)
 BATCHED_RESIDUAL = (Drop, SGDResidual, SignSGDResidual, FiraResidual, FiraExactResidual, APOLLOScaling,
